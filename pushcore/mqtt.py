@@ -1,0 +1,408 @@
+"""Sans-IO MQTT 3.1.1 / 5.0 server connection.
+
+One ``MQTTServerConnection`` per client connection.  It takes bytes
+(``receive``) and gives back bytes to send (``out``) and records to store
+(appended to the shared ``Ingest`` batch); it never touches a socket or the
+clock.  The server drives it:
+
+    receive* -> [committed(result)*] -> ... -> lost() | close
+
+Callback order, asyncio style::
+
+    start -> receive+ [-> acked*] -> (closing | lost) -> end
+
+- ``receive(buf, start, end)`` parses every complete packet, handles each one
+  through the ``handle_<verb>`` table, and returns the offset of the first byte
+  not consumed.  PUBLISH QoS 0/1/2 becomes a record in ``ingest.batch``; its ack
+  is *not* written yet.
+- ``committed(packet_id, qos, duplicate)`` is called by the server for each
+  waiter once the batch holding its record is committed to the log with the
+  configured durability.  Only then does the PUBACK/PUBREC go into ``out``:
+  no ack ever leaves for a record that is not committed.
+- ``refused(packet_id, qos, error)`` is the same for a batch the log refused
+  (StoreFull): a v5 client gets PUBACK/PUBREC 0x97 Quota exceeded.
+- Errors become reply bytes in exactly one place, ``_fail``.
+
+After ``receive`` the server looks at ``out`` (bytes to send), ``close_after_flush``
+(send ``out`` then close) and ``inflight`` (unacked inbound QoS 1/2 publishes,
+for 3.1.1 flow control).
+"""
+
+import json
+
+from . import _frame
+from ._frame import (
+    Ack,
+    Connack,
+    Disconnect,
+    Parser,
+    Suback,
+    Unsuback,
+    encode,
+    encode_ack,
+    encode_properties,
+)
+from .errors import (
+    ClientIdentifierNotValid,
+    KeepAliveTimeout,
+    MQTTError,
+    PayloadFormatInvalid,
+    ProtocolError,
+    ReceiveMaximumExceeded,
+    SessionTakenOver,
+    TopicAliasInvalid,
+    UnsupportedProtocolVersion,
+)
+
+# MQTT 3.1.1 §3.1.2.2: protocol level 4; MQTT 5.0 §3.1.2.2: protocol version 5.
+MQTT311 = 4
+MQTT5 = 5
+
+# MQTT 5.0 §3.2.2.2 reason codes used in CONNACK.
+CONNACK_BAD_AUTH_METHOD = 0x8C
+# MQTT 5.0 §3.4.2.1: 0x10 No matching subscribers is still a success.
+PUBACK_SUCCESS = 0x00
+# MQTT 5.0 §3.9.3 / 3.1.1 §3.9.3: SUBACK failure codes.
+SUBACK_FAILURE_V3 = 0x80
+SUBACK_IMPLEMENTATION_SPECIFIC = 0x83
+# MQTT 5.0 §3.11.3: UNSUBACK 0x11 No subscription existed.
+UNSUBACK_NO_SUBSCRIPTION = 0x11
+# MQTT 5.0 §3.14.2.1: 0x9B QoS not supported.
+QOS_NOT_SUPPORTED = 0x9B
+# MQTT 5.0 §3.14.2.1: 0x8B Server shutting down.
+SERVER_SHUTTING_DOWN = 0x8B
+
+STATE_CONNECTING = 0
+STATE_CONNECTED = 1
+STATE_CLOSED = 2
+
+
+class MQTTSettings:
+    """What the server configured for its MQTT listener (plain values, no I/O)."""
+
+    __slots__ = ("max_packet_size", "receive_maximum", "topic_alias_maximum",
+                 "keepalive_max", "max_qos", "allow_zero_length_clientid",
+                 "id_property", "key_property", "json_field")
+
+    def __init__(self, max_packet_size=1 << 20, receive_maximum=1024, topic_alias_maximum=64,
+                 keepalive_max=0, max_qos=2, allow_zero_length_clientid=True,
+                 id_property="id", key_property="key", json_field=None):
+        self.max_packet_size = max_packet_size
+        self.receive_maximum = receive_maximum
+        self.topic_alias_maximum = topic_alias_maximum
+        self.keepalive_max = keepalive_max
+        self.max_qos = max_qos
+        self.allow_zero_length_clientid = allow_zero_length_clientid
+        self.id_property = id_property
+        self.key_property = key_property
+        self.json_field = json_field
+
+
+class MQTTServerConnection:
+    """The MQTT state of one client connection (see the module docstring)."""
+
+    def __init__(self, settings, ingest, server=None):
+        self.settings = settings
+        self.ingest = ingest
+        # The server side of CONNECT: ``server.connected(conn)`` registers the
+        # client id (session takeover) and ``server.assign_client_id()``.
+        self.server = server
+        # The server's connection object for this client (opaque here).
+        self.transport = None
+        self.parser = Parser(settings.max_packet_size, 0)
+        self.state = STATE_CONNECTING
+        self.version = 0
+        self.client_id = ""
+        self.keepalive = 0
+        self.out = bytearray()
+        self.close_after_flush = False
+        self.close_reason = None
+        self.disconnected_cleanly = False
+        # Inbound QoS 1/2 publishes stored or being stored, not yet acked.
+        self.inflight = 0
+        # MQTT 5.0 §4.3.3 / 3.1.1 §4.3.3: QoS 2 packet ids between PUBLISH and
+        # PUBREL; a re-sent PUBLISH with one of these ids is not stored again.
+        self.qos2_received = set()
+        self.topic_aliases = {}
+        self.max_packet_out = 268435460
+        self.errors = 0
+
+    # -- input -----------------------------------------------------------
+
+    def receive(self, buf, start, end):
+        """Handle every complete packet in buf[start:end]; return the first unconsumed offset."""
+        packets, consumed, error = self.parser.parse(buf, start, end)
+        handlers = self._handlers
+        for packet in packets:
+            if self.state == STATE_CLOSED:
+                break
+            try:
+                handlers[packet.type](self, packet)
+            except MQTTError as err:
+                self._fail(err)
+                break
+        if error is not None and self.state != STATE_CLOSED:
+            self._fail(error)
+        return consumed
+
+    def handle_connect(self, p):
+        if self.state != STATE_CONNECTING:
+            # MQTT 5.0 §3.1: a second CONNECT is a Protocol Error.
+            raise ProtocolError("second CONNECT")
+        s = self.settings
+        self.version = p.protocol_level
+        props = p.properties
+        if props is not None and "authentication_method" in props:
+            raise MQTTError("enhanced authentication is not supported", CONNACK_BAD_AUTH_METHOD)
+        client_id = p.client_id
+        assigned = None
+        if not client_id:
+            # MQTT 3.1.1 §3.1.3.1: a zero-length id needs CleanSession=1.
+            if not s.allow_zero_length_clientid or (self.version == MQTT311 and not p.clean_start):
+                raise ClientIdentifierNotValid("empty client id")
+            client_id = assigned = self.server.assign_client_id() if self.server else "auto"
+        self.client_id = client_id
+        self.keepalive = p.keepalive
+        server_keepalive = None
+        if s.keepalive_max and (p.keepalive == 0 or p.keepalive > s.keepalive_max):
+            # MQTT 5.0 §3.2.2.3.14: the server tells the client the keepalive it must use.
+            self.keepalive = s.keepalive_max
+            server_keepalive = s.keepalive_max
+        if props is not None:
+            self.max_packet_out = props.get("maximum_packet_size", self.max_packet_out)
+        self.state = STATE_CONNECTED
+        if self.server is not None:
+            self.server.connected(self)
+        if self.version == MQTT5:
+            cprops = {
+                "receive_maximum": s.receive_maximum,
+                "maximum_packet_size": s.max_packet_size,
+                "topic_alias_maximum": s.topic_alias_maximum,
+                # Subscriptions arrive with the broker role; until then say so up front.
+                "wildcard_subscription_available": 0,
+                "subscription_identifier_available": 0,
+                "shared_subscription_available": 0,
+            }
+            if s.max_qos < 2:
+                cprops["maximum_qos"] = s.max_qos
+            if server_keepalive is not None:
+                cprops["server_keep_alive"] = server_keepalive
+            if assigned is not None:
+                cprops["assigned_client_identifier"] = assigned
+            self.out += encode(Connack(False, 0, cprops), MQTT5)
+        else:
+            self.out += encode(Connack(False, 0, None), MQTT311)
+
+    def handle_publish(self, p):
+        if self.state != STATE_CONNECTED:
+            raise ProtocolError("PUBLISH before CONNECT")
+        qos = p.qos
+        s = self.settings
+        if qos > s.max_qos:
+            # MQTT 5.0 §3.3.1.2: a QoS above Maximum QoS is 0x9B QoS not supported.
+            raise MQTTError("QoS above the server's maximum", QOS_NOT_SUPPORTED)
+        topic = p.topic
+        props = p.properties
+        msg_id = key = None
+        raw_props = b""
+        if props is not None:
+            alias = props.get("topic_alias")
+            if alias is not None:
+                # MQTT 5.0 §3.3.2.3.4: 0 or above Topic Alias Maximum is 0x94.
+                if alias == 0 or alias > s.topic_alias_maximum:
+                    raise TopicAliasInvalid(f"topic alias {alias}")
+                if topic:
+                    self.topic_aliases[alias] = topic
+                else:
+                    topic = self.topic_aliases.get(alias)
+                    if topic is None:
+                        raise ProtocolError(f"unknown topic alias {alias}")
+                props = dict(props)
+                del props["topic_alias"]
+            user = props.get("user_property")
+            if user:
+                id_name = s.id_property
+                key_name = s.key_property
+                for name, value in user:
+                    if name == id_name:
+                        msg_id = value.encode()
+                    elif name == key_name:
+                        key = value.encode()
+            if props.get("payload_format_indicator") == 1:
+                # MQTT 5.0 §3.3.2.3.2: the payload must then be UTF-8.
+                try:
+                    p.payload.decode()
+                except UnicodeDecodeError:
+                    raise PayloadFormatInvalid("payload is not UTF-8") from None
+            if props:
+                raw_props = encode_properties(props)
+        elif s.json_field is not None and self.version == MQTT311:
+            msg_id = self._json_id(p.payload)
+        if qos == 0:
+            self.ingest.add(topic, p.payload, 0, p.retain, msg_id, key, self.client_id,
+                            raw_props, None, 0)
+            return
+        packet_id = p.packet_id
+        if qos == 2 and packet_id in self.qos2_received:
+            # MQTT 5.0 §4.3.3: until PUBREL the same packet id is the same message; it was
+            # stored (or is being stored) already.  Answer once it is committed.
+            self.inflight += 1
+            self.ingest.add_ack_only(self, packet_id, 2)
+            return
+        self.inflight += 1
+        if self.version == MQTT5 and self.inflight > s.receive_maximum:
+            # MQTT 5.0 §3.3.4: more unacked QoS>0 publishes than Receive Maximum.
+            raise ReceiveMaximumExceeded("receive maximum exceeded")
+        if qos == 2:
+            self.qos2_received.add(packet_id)
+        self.ingest.add(topic, p.payload, qos, p.retain, msg_id, key, self.client_id,
+                        raw_props, self, packet_id)
+
+    def _json_id(self, payload):
+        """The id from a JSON object payload's configured field, for 3.1.1 publishers."""
+        if not payload or payload[:1] != b"{":
+            return None
+        try:
+            value = json.loads(payload).get(self.settings.json_field)
+        except (ValueError, AttributeError):
+            return None
+        if value is None:
+            return None
+        return str(value).encode()
+
+    def handle_pubrel(self, p):
+        if self.state != STATE_CONNECTED:
+            raise ProtocolError("PUBREL before CONNECT")
+        known = p.packet_id in self.qos2_received
+        self.qos2_received.discard(p.packet_id)
+        if self.version == MQTT5 and not known:
+            # MQTT 5.0 §3.7.2.1: 0x92 Packet Identifier not found.
+            self.out += encode_ack(_frame.PUBCOMP, p.packet_id, 0x92, MQTT5)
+        else:
+            self.out += encode_ack(_frame.PUBCOMP, p.packet_id, 0, self.version)
+
+    def handle_pingreq(self, p):
+        if self.state != STATE_CONNECTED:
+            raise ProtocolError("PINGREQ before CONNECT")
+        # MQTT 3.1.1 §3.12 / 5.0 §3.12: PINGRESP is two fixed bytes.
+        self.out += b"\xd0\x00"
+
+    def handle_subscribe(self, p):
+        if self.state != STATE_CONNECTED:
+            raise ProtocolError("SUBSCRIBE before CONNECT")
+        n = len(p.subscriptions)
+        if self.version == MQTT5:
+            props = {"reason_string": "subscriptions are not supported yet"}
+            if self._fits(props):
+                self.out += encode(Suback(p.packet_id, [SUBACK_IMPLEMENTATION_SPECIFIC] * n, props), MQTT5)
+            else:
+                self.out += encode(Suback(p.packet_id, [SUBACK_IMPLEMENTATION_SPECIFIC] * n, None), MQTT5)
+        else:
+            self.out += encode(Suback(p.packet_id, [SUBACK_FAILURE_V3] * n, None), MQTT311)
+
+    def handle_unsubscribe(self, p):
+        if self.state != STATE_CONNECTED:
+            raise ProtocolError("UNSUBSCRIBE before CONNECT")
+        if self.version == MQTT5:
+            codes = [UNSUBACK_NO_SUBSCRIPTION] * len(p.filters)
+            self.out += encode(Unsuback(p.packet_id, codes, None), MQTT5)
+        else:
+            self.out += encode(Unsuback(p.packet_id, [], None), MQTT311)
+
+    def handle_disconnect(self, p):
+        self.disconnected_cleanly = True
+        self.close_reason = "client disconnect"
+        self.state = STATE_CLOSED
+        self.close_after_flush = True
+
+    def handle_ack_from_client(self, p):
+        # PUBACK/PUBREC/PUBCOMP answer deliveries, which start with the broker role;
+        # until then the server never sent a PUBLISH, so any such ack is unexpected.
+        raise ProtocolError(f"unexpected packet type {p.type}")
+
+    def handle_unexpected(self, p):
+        # MQTT 5.0 §4.13: a packet only the server sends is a Protocol Error.
+        raise ProtocolError(f"unexpected packet type {p.type}")
+
+    def handle_auth(self, p):
+        raise ProtocolError("AUTH without an authentication method")
+
+    _handlers = {
+        _frame.CONNECT: handle_connect,
+        _frame.CONNACK: handle_unexpected,
+        _frame.PUBLISH: handle_publish,
+        _frame.PUBACK: handle_ack_from_client,
+        _frame.PUBREC: handle_ack_from_client,
+        _frame.PUBREL: handle_pubrel,
+        _frame.PUBCOMP: handle_ack_from_client,
+        _frame.SUBSCRIBE: handle_subscribe,
+        _frame.SUBACK: handle_unexpected,
+        _frame.UNSUBSCRIBE: handle_unsubscribe,
+        _frame.UNSUBACK: handle_unexpected,
+        _frame.PINGREQ: handle_pingreq,
+        _frame.PINGRESP: handle_unexpected,
+        _frame.DISCONNECT: handle_disconnect,
+        _frame.AUTH: handle_auth,
+    }
+
+    # -- results of the group commit --------------------------------------
+
+    def committed(self, packet_id, qos):
+        """The record for this publish is committed: now, and only now, ack it."""
+        self.inflight -= 1
+        if self.state == STATE_CLOSED:
+            return
+        self.out += encode_ack(_frame.PUBACK if qos == 1 else _frame.PUBREC, packet_id, 0, self.version)
+
+    def refused(self, packet_id, qos, error):
+        """The log refused the batch (StoreFull).  Only v5 can say so in the ack."""
+        self.inflight -= 1
+        if self.state == STATE_CLOSED:
+            return
+        if qos == 2:
+            # MQTT 5.0 §4.3.3: a PUBREC >= 0x80 ends the flow; the id may be used again.
+            self.qos2_received.discard(packet_id)
+        self.out += encode_ack(_frame.PUBACK if qos == 1 else _frame.PUBREC, packet_id,
+                               error.reason_code, self.version)
+
+    # -- server-initiated -------------------------------------------------
+
+    def keepalive_expired(self):
+        self._fail(KeepAliveTimeout("keepalive timeout"))
+
+    def taken_over(self):
+        self._fail(SessionTakenOver("session taken over"))
+
+    def shutdown(self):
+        """The server is stopping (after its final commit and acks)."""
+        self._fail(MQTTError("server shutting down", SERVER_SHUTTING_DOWN))
+
+    def _fits(self, props):
+        return len(encode_properties(props)) + 16 <= self.max_packet_out
+
+    def _fail(self, err):
+        """Turn an error into its reply bytes and mark the connection closing.
+
+        The one place errors become bytes: before CONNACK, a CONNACK with the
+        reason (3.1.1: its return code, or nothing when 3.1.1 has none);
+        after it, a v5 DISCONNECT with the reason code (3.1.1 just closes,
+        §4.8).
+        """
+        self.errors += 1
+        self.close_reason = err
+        if self.state == STATE_CONNECTING:
+            if isinstance(err, UnsupportedProtocolVersion) and getattr(err, "protocol_level", 0) != MQTT5:
+                # MQTT 3.1.1 §3.1.2.2: CONNACK 0x01 in the 3.1.1 format.
+                self.out += encode(Connack(False, 0x01, None), MQTT311)
+            elif self.version == MQTT5 or getattr(err, "protocol_level", 0) == MQTT5:
+                self.out += encode(Connack(False, err.reason_code, None), MQTT5)
+            elif self.version == MQTT311 and err.connack_v3 is not None:
+                self.out += encode(Connack(False, err.connack_v3, None), MQTT311)
+        elif self.state == STATE_CONNECTED and self.version == MQTT5:
+            props = {"reason_string": str(err)[:200]}
+            if not self._fits(props):
+                props = None
+            self.out += encode(Disconnect(err.reason_code, props), MQTT5)
+        self.state = STATE_CLOSED
+        self.close_after_flush = True
+

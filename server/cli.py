@@ -1,0 +1,243 @@
+"""The ``pushcore`` command: serve, check-config, log stats|dump, pub."""
+
+import argparse
+import base64
+import json
+import logging
+import sys
+
+from pushcore.config import load_config
+from pushcore.errors import ConfigError, MQTTError, StoreError
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h, as systemd and mosquitto users know it
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exc if any)."""
+
+    def format(self, record):
+        obj = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False)
+
+
+def setup_logging(level="info", fmt="text"):
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _config(args, extra=None):
+    overrides = dict(extra or {})
+    if getattr(args, "data", None):
+        overrides["storage.data_dir"] = args.data
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_serve(args):
+    overrides = {}
+    if args.mqtt:
+        overrides["mqtt.bind"] = args.mqtt
+    if args.durability:
+        overrides["storage.durability"] = args.durability
+    cfg = _config(args, overrides)
+    setup_logging(cfg.log.level, cfg.log.format)
+    from .daemon import Server
+
+    Server(cfg).run()
+    return 0
+
+
+def cmd_check_config(args):
+    cfg = load_config(args.file)
+    print(f"{args.file}: ok ({cfg.storage.partitions} partitions, durability "
+          f"{cfg.storage.durability}, mqtt on {cfg.mqtt.bind[0]}:{cfg.mqtt.bind[1]})")
+    return 0
+
+
+def _open_readonly(args):
+    from pushcore.log import Log
+
+    cfg = _config(args)
+    return Log(cfg.storage.data_dir, partitions=None, readonly=True)
+
+
+def cmd_log_stats(args):
+    store = _open_readonly(args)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    print(f"store     {stats.get('path', '')}")
+    print(f"durability {stats.get('durability', '?')}   partitions {stats['partitions']}   "
+          f"ids {stats.get('ids', 0)}")
+    if "map_size" in stats:
+        print(f"map       {stats.get('used_bytes', 0)} / {stats['map_size']} bytes used")
+    print(f"{'partition':>9} {'first':>12} {'next':>12} {'records':>10} {'bytes':>14}")
+    for p in stats["per_partition"]:
+        print(f"{p['partition']:>9} {p['first']:>12} {p['next']:>12} {p['count']:>10} {p['bytes']:>14}")
+    return 0
+
+
+def cmd_log_dump(args):
+    from pushcore.record import decode_record
+
+    store = _open_readonly(args)
+    try:
+        parts = [args.partition] if args.partition is not None else range(store.partitions)
+        out = sys.stdout
+        for part in parts:
+            for offset, data in store.read(part, args.start or 0, args.limit):
+                rec = decode_record(data)
+                obj = {
+                    "partition": part,
+                    "offset": offset,
+                    "time": rec.time_ms,
+                    "topic": rec.topic,
+                    "id": rec.msg_id.decode("utf-8", "replace") if rec.msg_id is not None else None,
+                    "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+                    "client": rec.client_id,
+                    "qos": rec.qos,
+                    "retain": rec.retain,
+                }
+                if args.base64:
+                    obj["payload_b64"] = base64.b64encode(rec.payload).decode()
+                else:
+                    try:
+                        obj["payload"] = rec.payload.decode()
+                    except UnicodeDecodeError:
+                        obj["payload_b64"] = base64.b64encode(rec.payload).decode()
+                out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_pub(args):
+    from pushcore.client import Client
+
+    setup_logging("warning" if not args.verbose else "info")
+    if args.file is not None:
+        with open(args.file, "rb") as f:
+            messages = [f.read()]
+    elif args.stdin_lines:
+        messages = [line.rstrip(b"\n") for line in sys.stdin.buffer]
+    elif args.message is not None:
+        messages = [args.message.encode()]
+    else:
+        print("pushcore pub: give -m MESSAGE, -f FILE or -l (lines from stdin)", file=sys.stderr)
+        return EXIT_USAGE
+    client = Client(host=args.host, port=args.port, client_id=args.client_id or "",
+                    version=args.protocol_version, keepalive=args.keepalive,
+                    max_reconnects=args.max_reconnects)
+    client.connect()
+    handles = []
+    for i, payload in enumerate(messages):
+        msg_id = args.id if len(messages) == 1 else (f"{args.id}-{i}" if args.id else None)
+        handles.append(client.publish(args.topic, payload, qos=args.qos, retain=args.retain,
+                                      msg_id=msg_id, key=args.key))
+    ok = client.flush(timeout=args.timeout)
+    client.close()
+    failed = [h for h in handles if getattr(h, "failed", False)]
+    if not ok or failed:
+        codes = sorted({f"0x{h.reason_code:02x}" for h in failed})
+        print(f"pushcore pub: {len(failed)} refused ({', '.join(codes)}), "
+              f"{'all others acked' if ok else 'not all acked before the timeout'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="pushcore", description="Durable push-message ingestion gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("-c", "--config", help="YAML configuration file (default: built-in defaults)")
+    s.add_argument("--data", help="LMDB data directory (overrides storage.data_dir)")
+    s.add_argument("--mqtt", help="MQTT listener HOST:PORT (overrides mqtt.bind)")
+    s.add_argument("--durability", choices=["fsync", "os"], help="overrides storage.durability")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a configuration file")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_config)
+
+    lg = sub.add_parser("log", help="inspect the stored log (read-only, safe while serving)")
+    lsub = lg.add_subparsers(dest="log_command", required=True)
+    for name, func, helptext in (("stats", cmd_log_stats, "per-partition offsets and sizes"),
+                                 ("dump", cmd_log_dump, "one JSON object per stored record")):
+        x = lsub.add_parser(name, help=helptext)
+        x.add_argument("-c", "--config", help="configuration file to take storage.data_dir from")
+        x.add_argument("--data", help="LMDB data directory (default: storage.data_dir)")
+        if name == "dump":
+            x.add_argument("--partition", type=int, help="only this partition")
+            x.add_argument("--from", dest="start", type=int, help="first offset")
+            x.add_argument("--limit", type=int, help="at most this many records per partition")
+            x.add_argument("--base64", action="store_true", help="payloads always as payload_b64")
+        else:
+            x.add_argument("--json", action="store_true", help="machine-readable output")
+        x.set_defaults(func=func)
+
+    pb = sub.add_parser("pub", help="publish messages (QoS 1 by default, acked after storage)",
+                        add_help=False)
+    pb.add_argument("--help", action="help", help="show this help and exit")
+    pb.add_argument("-h", "--host", default="127.0.0.1")
+    pb.add_argument("-p", "--port", type=int, default=1883)
+    pb.add_argument("-t", "--topic", required=True)
+    pb.add_argument("-m", "--message")
+    pb.add_argument("-f", "--file", help="send the file's content as one message")
+    pb.add_argument("-l", "--stdin-lines", action="store_true", help="one message per stdin line")
+    pb.add_argument("-q", "--qos", type=int, choices=[0, 1, 2], default=1)
+    pb.add_argument("-r", "--retain", action="store_true")
+    pb.add_argument("-i", "--client-id")
+    pb.add_argument("--id", help="message id (MQTT 5 user property); -l appends -N per line")
+    pb.add_argument("--key", help="ordering key (MQTT 5 user property)")
+    pb.add_argument("-V", "--protocol-version", type=int, choices=[4, 5], default=5,
+                    help="4 = MQTT 3.1.1, 5 = MQTT 5.0")
+    pb.add_argument("-k", "--keepalive", type=int, default=60)
+    pb.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for every ack")
+    pb.add_argument("--max-reconnects", type=int, default=5)
+    pb.add_argument("-v", "--verbose", action="store_true")
+    pb.set_defaults(func=cmd_pub)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"pushcore: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as err:
+        print(f"pushcore: store error: {err}", file=sys.stderr)
+        return 1
+    except MQTTError as err:
+        print(f"pushcore: refused by the server: {err} (reason 0x{err.reason_code:02x})",
+              file=sys.stderr)
+        return 1
+    except (ConnectionError, OSError) as err:
+        print(f"pushcore: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,248 @@
+"""One client socket: the ring buffer it reads into, its output, its timers.
+
+Callback order for a connection, asyncio style::
+
+    accepted -> readable* [-> writable*] [-> acks_ready*] -> closed
+
+Read side: ``recv_into`` fills a buffer taken from the server's pool (given
+back whenever every byte in it has been parsed, so an idle connection holds no
+buffer); the MQTT protocol object parses every complete packet in it; a partial
+packet stays where it is, or is moved to the front when the buffer is full.
+
+Flow control, one bit each in ``paused``; the socket is read only while no bit
+is set:
+
+- ``PAUSE_INFLIGHT``: a 3.1.1 publisher has ``receive_maximum`` QoS 1/2
+  publishes waiting for their ack (3.1.1 cannot be told to stop; MQTT 5 clients
+  are told Receive Maximum and are disconnected with 0x93 past it).
+- ``PAUSE_OUTBUF``: the output buffer went above ``outbuf_high``; reading
+  resumes once it drained below ``outbuf_low`` (the watermarks of asyncio's
+  ``WriteTransport.set_write_buffer_limits``: pause when size > high, resume
+  when size <= low).
+- ``PAUSE_GLOBAL``: the pending batch or the writer is behind (server-wide).
+- ``PAUSE_STORE``: the store is full and this 3.1.1 publisher's messages are
+  held until it has room again.
+"""
+
+import errno
+import logging
+import socket
+
+from pushcore.mqtt import STATE_CLOSED, STATE_CONNECTED, MQTTServerConnection
+
+PAUSE_INFLIGHT = 1
+PAUSE_OUTBUF = 2
+PAUSE_GLOBAL = 4
+PAUSE_STORE = 8
+
+log = logging.getLogger("pushcore.conn")
+
+
+class Connection:
+    __slots__ = ("server", "sock", "fd", "peer", "proto", "rbuf", "rview", "rstart", "rend",
+                 "paused", "reading", "writing", "timer", "closed", "keepalive_s")
+
+    def __init__(self, server, sock, peer):
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.proto = MQTTServerConnection(server.mqtt_settings, server.ingest, server)
+        self.proto.transport = self
+        self.rbuf = None
+        self.rview = None
+        self.rstart = 0
+        self.rend = 0
+        self.paused = 0
+        self.reading = False
+        self.writing = False
+        self.closed = False
+        self.keepalive_s = 0.0
+        # One timer per connection: first the deadline for CONNECT, then keepalive.
+        self.timer = server.loop.call_later(server.connect_timeout, self.on_timer)
+
+    # -- read side ----------------------------------------------------------
+
+    def start(self):
+        self.reading = True
+        self.server.loop.add_reader(self.fd, self.on_readable)
+
+    def on_readable(self):
+        server = self.server
+        if server.global_paused:
+            self.pause(PAUSE_GLOBAL)
+            server.globally_paused.add(self)
+            return
+        buf = self.rbuf
+        if buf is None:
+            buf, self.rview = server.pool.get()
+            self.rbuf = buf
+            self.rstart = self.rend = 0
+        rend = self.rend
+        try:
+            n = self.sock.recv_into(self.rview[rend:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self.close(f"recv: {err.strerror or err}")
+            return
+        if n == 0:
+            self.close("peer closed")
+            return
+        rend += n
+        proto = self.proto
+        was_connected = proto.state == STATE_CONNECTED
+        consumed = proto.receive(buf, self.rstart, rend)
+        if consumed == rend:
+            # Everything parsed: give the buffer back, an idle connection keeps none.
+            server.pool.put(buf, self.rview)
+            self.rbuf = self.rview = None
+        else:
+            self._keep_partial(buf, consumed, rend)
+        if proto.state == STATE_CONNECTED:
+            if not was_connected:
+                self._connected()
+            elif self.keepalive_s:
+                self.timer.reset(self.keepalive_s)
+            if proto.version == 4 and proto.inflight >= server.mqtt_settings.receive_maximum:
+                self.pause(PAUSE_INFLIGHT)
+        if proto.out:
+            self.flush()
+        if proto.close_after_flush and not self.closed:
+            self.close(proto.close_reason)
+
+    def _keep_partial(self, buf, consumed, rend):
+        """A partial packet is left: keep it, moving it to the front or growing the buffer."""
+        if rend < len(buf):
+            self.rstart = consumed
+            self.rend = rend
+            return
+        pending = rend - consumed
+        if consumed > 0:
+            buf[:pending] = buf[consumed:rend]
+            self.rstart = 0
+            self.rend = pending
+            return
+        # A single packet larger than the buffer: grow this connection's buffer
+        # (the parser has already refused packets over max_packet_size).
+        bigger = bytearray(len(buf) * 2)
+        bigger[:pending] = buf[consumed:rend]
+        self.rbuf = bigger
+        self.rview = memoryview(bigger)
+        self.rstart = 0
+        self.rend = pending
+
+    def _connected(self):
+        server = self.server
+        keepalive = self.proto.keepalive
+        # MQTT 3.1.1 §3.1.2.10 / 5.0 §3.1.2.10: close after one and a half keepalives.
+        self.keepalive_s = keepalive * 1.5
+        if keepalive:
+            self.timer.reset(self.keepalive_s)
+        else:
+            self.timer.cancel()
+        server.metrics["connections_accepted_mqtt"] += 1
+
+    def on_timer(self):
+        if self.closed:
+            return
+        if self.proto.state == STATE_CONNECTED:
+            self.server.metrics["keepalive_timeouts"] += 1
+            self.proto.keepalive_expired()
+            self.flush()
+            self.close("keepalive timeout")
+        else:
+            self.server.metrics["connect_timeouts"] += 1
+            self.close("no CONNECT within connect_timeout")
+
+    # -- flow control -------------------------------------------------------
+
+    def pause(self, flag):
+        self.paused |= flag
+        if self.reading:
+            self.reading = False
+            self.server.loop.remove_reader(self.fd)
+
+    def resume(self, flag):
+        self.paused &= ~flag
+        if not self.paused and not self.reading and not self.closed:
+            self.reading = True
+            self.server.loop.add_reader(self.fd, self.on_readable)
+
+    def acks_ready(self):
+        """Acks were appended after a commit: send them, maybe read again."""
+        if self.closed:
+            return
+        self.flush()
+        if self.paused & PAUSE_INFLIGHT and self.proto.inflight < self.server.mqtt_settings.receive_maximum:
+            self.resume(PAUSE_INFLIGHT)
+        if self.proto.close_after_flush and not self.closed:
+            self.close(self.proto.close_reason)
+
+    # -- write side ---------------------------------------------------------
+
+    def flush(self):
+        out = self.proto.out
+        if not out or self.closed:
+            return
+        try:
+            n = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as err:
+            self.close(f"send: {err.strerror or err}")
+            return
+        del out[:n]
+        if out:
+            if not self.writing:
+                self.writing = True
+                self.server.loop.add_writer(self.fd, self.on_writable)
+            if len(out) > self.server.outbuf_high:
+                self.pause(PAUSE_OUTBUF)
+        elif self.writing:
+            self.writing = False
+            self.server.loop.remove_writer(self.fd)
+
+    def on_writable(self):
+        self.flush()
+        if self.closed:
+            return
+        if self.paused & PAUSE_OUTBUF and len(self.proto.out) <= self.server.outbuf_low:
+            self.resume(PAUSE_OUTBUF)
+        if not self.proto.out and self.proto.close_after_flush:
+            self.close(self.proto.close_reason)
+
+    # -- end ------------------------------------------------------------------
+
+    def close(self, reason):
+        if self.closed:
+            return
+        # Give a closing reply (CONNACK/DISCONNECT with its reason code) one chance to leave.
+        out = self.proto.out
+        if out:
+            try:
+                self.sock.send(out)
+            except OSError:
+                pass
+            out.clear()
+        self.closed = True
+        self.proto.state = STATE_CLOSED
+        self.timer.cancel()
+        loop = self.server.loop
+        if self.reading:
+            loop.remove_reader(self.fd)
+        if self.writing:
+            loop.remove_writer(self.fd)
+        if self.rbuf is not None:
+            self.server.pool.put(self.rbuf, self.rview)
+            self.rbuf = self.rview = None
+        try:
+            self.sock.close()
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                raise
+        self.server.connection_closed(self, reason)
+
+
+def set_nodelay(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

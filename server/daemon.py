@@ -1,0 +1,402 @@
+"""The pushcore daemon: listener, connections, group-commit writer, drain.
+
+The central promise lives in ``before_sleep`` and ``_committed``: the pending
+batch is handed to the writer thread, which commits it to LMDB with the
+configured durability; only when the commit has returned does ``_committed``
+put the acks in the connections' output and flush them.  No ack ever leaves
+for a record that is not committed.  (Redis writes its AOF in beforeSleep
+before replies go out; this is the same rule.)
+
+Group commit is pipelined: while one batch is committing in the writer thread
+(LMDB releases the GIL during the commit and fdatasync), the reactor goes on
+reading and parsing into the next batch.
+"""
+
+import collections
+import itertools
+import logging
+import queue
+import resource
+import secrets
+import signal
+import socket
+import threading
+import time
+
+from pushcore.errors import QuotaExceeded, StoreFull
+from pushcore.ingest import Batch, Ingest
+from pushcore.log import Log
+from pushcore.mqtt import MQTT5, MQTTSettings
+
+from . import systemd
+from .connection import PAUSE_GLOBAL, PAUSE_STORE, Connection, set_nodelay
+from .loop import EventLoop
+
+log = logging.getLogger("pushcore.server")
+
+# How long a batch refused for a full store waits before it is tried again.
+STORE_FULL_RETRY_S = 1.0
+
+
+class BufferPool:
+    """Receive buffers lent to connections while they hold unparsed bytes."""
+
+    __slots__ = ("size", "free", "max_free")
+
+    def __init__(self, size, max_free=256):
+        self.size = size
+        self.free = []
+        self.max_free = max_free
+
+    def get(self):
+        if self.free:
+            return self.free.pop()
+        buf = bytearray(self.size)
+        return buf, memoryview(buf)
+
+    def put(self, buf, view):
+        # A buffer grown for one large packet is not kept: the pool holds one size.
+        if len(buf) == self.size and len(self.free) < self.max_free:
+            self.free.append((buf, view))
+
+
+class Writer:
+    """The group-commit writer thread: one LMDB write transaction per job."""
+
+    def __init__(self, store, loop):
+        self.store = store
+        self.loop = loop
+        self.jobs = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="pushcore-writer", daemon=True)
+        self.thread.start()
+
+    def append(self, batch, now_ms, done):
+        self.jobs.put((self.store.append_batch, batch.items, now_ms, batch, done))
+
+    def expire(self, now_ms, done):
+        self.jobs.put((self._expire, None, now_ms, None, done))
+
+    def _expire(self, _items, now_ms):
+        return self.store.expire(now_ms)
+
+    def stop(self):
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            fn, items, now_ms, batch, done = job
+            result = error = None
+            try:
+                result = fn(items, now_ms)
+            except StoreFull as err:
+                error = err
+            except Exception as err:  # a bug or a disk error: the batch is not acked
+                log.exception("writer: commit failed")
+                error = err
+            self.loop.call_soon_threadsafe(done, batch, result, error)
+
+
+class Server:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.loop = EventLoop()
+        st = cfg.storage
+        self.store = Log(
+            st.data_dir,
+            partitions=st.partitions,
+            map_size=st.map_size,
+            durability=st.durability,
+            dedup_window_ms=int(cfg.dedup.window * 1000),
+            retention_max_age_ms=int(st.retention.max_age * 1000),
+            retention_max_bytes=st.retention.max_bytes,
+        )
+        m = cfg.mqtt
+        self.mqtt_settings = MQTTSettings(
+            max_packet_size=m.max_packet_size,
+            receive_maximum=m.receive_maximum,
+            topic_alias_maximum=m.topic_alias_maximum,
+            keepalive_max=m.keepalive_max,
+            max_qos=m.max_qos,
+            allow_zero_length_clientid=m.allow_zero_length_clientid,
+            id_property=cfg.dedup.id_property,
+            key_property=cfg.ordering.key_property,
+            json_field=cfg.dedup.json_field,
+        )
+        self.ingest = Ingest(self.store.partitions, cfg.dedup.scope == "global")
+        self.connect_timeout = m.connect_timeout
+        self.outbuf_high = m.outbuf_high
+        self.outbuf_low = m.outbuf_low
+        self.max_connections = m.max_connections
+        self.batch_max_messages = st.batch.max_messages
+        self.batch_max_bytes = st.batch.max_bytes
+        self.pool = BufferPool(m.buffer_size)
+        self.metrics = collections.Counter()
+        self.conns = {}
+        self.clients = {}
+        self.committing = None
+        self.global_paused = False
+        self.globally_paused = set()
+        self.store_held = None
+        self.store_full_until = 0.0
+        self.draining = False
+        self.listener = None
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4)
+        self.writer = Writer(self.store, self.loop)
+        self.loop.add_before_sleep(self.before_sleep)
+
+    # -- listener -------------------------------------------------------------
+
+    def listen(self):
+        host, port = self.cfg.mqtt.bind
+        family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.listener = sock
+        self.loop.add_reader(sock.fileno(), self.on_accept)
+        return sock.getsockname()
+
+    def on_accept(self):
+        for _ in range(64):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # EMFILE and friends: count, log, try again on the next event.
+                self.metrics["accept_errors"] += 1
+                log.warning("accept failed: %s", err)
+                return
+            if len(self.conns) >= self.max_connections:
+                self.metrics["connections_refused_limit"] += 1
+                sock.close()
+                continue
+            sock.setblocking(False)
+            set_nodelay(sock)
+            conn = Connection(self, sock, peer)
+            self.conns[conn.fd] = conn
+            conn.start()
+
+    # -- protocol callbacks ------------------------------------------------------
+
+    def assign_client_id(self):
+        return f"pushcore-{self._id_prefix}-{next(self._ids)}"
+
+    def connected(self, proto):
+        """A CONNECT was accepted: a second connection with the same id takes over."""
+        old = self.clients.get(proto.client_id)
+        self.clients[proto.client_id] = proto
+        if old is not None and old is not proto:
+            self.metrics["session_takeovers"] += 1
+            old.taken_over()
+            old.transport.close("session taken over")
+
+    def connection_closed(self, conn, reason):
+        self.conns.pop(conn.fd, None)
+        self.globally_paused.discard(conn)
+        proto = conn.proto
+        if self.clients.get(proto.client_id) is proto:
+            del self.clients[proto.client_id]
+        if isinstance(reason, Exception):
+            self.metrics[f"protocol_errors_0x{getattr(reason, 'reason_code', 0x80):02x}"] += 1
+            log.info("closed %s (%s): %s [reason 0x%02x]", proto.client_id or "-", _peer(conn.peer),
+                     reason, getattr(reason, "reason_code", 0x80))
+        else:
+            log.debug("closed %s (%s): %s", proto.client_id or "-", _peer(conn.peer), reason)
+
+    # -- group commit ------------------------------------------------------------
+
+    def before_sleep(self):
+        """Hand the pending batch to the writer; acks wait for ``_committed``."""
+        ingest = self.ingest
+        ingest.now_ms = int(time.time() * 1000)
+        batch = ingest.batch
+        if (len(batch) or self.store_held is not None) and self.committing is None \
+                and self.loop.time() >= self.store_full_until:
+            self._submit()
+        elif (len(batch.items) >= self.batch_max_messages or batch.nbytes >= self.batch_max_bytes) \
+                and not self.global_paused:
+            # Global backpressure: the writer is behind; connections stop being read
+            # (lazily, when each next becomes readable) until this batch is committed.
+            self.global_paused = True
+            self.metrics["global_pauses"] += 1
+
+    def _submit(self):
+        if self.store_held is not None:
+            held, self.store_held = self.store_held, None
+            batch = self.ingest.take()
+            held.items.extend(batch.items)
+            held.waiters.extend(batch.waiters)
+            held.ack_only.extend(batch.ack_only)
+            held.nbytes += batch.nbytes
+            batch = held
+        else:
+            batch = self.ingest.take()
+        self.committing = batch
+        self.writer.append(batch, self.ingest.now_ms, self._committed)
+
+    def _committed(self, batch, results, error):
+        """The writer finished a batch: ack it (or refuse it), then go on."""
+        self.committing = None
+        if error is None:
+            self._ack(batch, results)
+        else:
+            self._refuse(batch, error)
+        if self.global_paused:
+            self.global_paused = False
+            paused, self.globally_paused = self.globally_paused, set()
+            for conn in paused:
+                conn.resume(PAUSE_GLOBAL)
+        if len(self.ingest.batch) and self.loop.time() >= self.store_full_until:
+            self._submit()
+        elif self.draining and self.store_held is not None:
+            # Draining with a full store: the held 3.1.1 messages were never acked;
+            # their publishers resend them after the restart.
+            self.store_held = None
+            self._finish_drain()
+        elif self.draining and not len(self.ingest.batch):
+            self._finish_drain()
+
+    def _ack(self, batch, results):
+        m = self.metrics
+        stored = dups = 0
+        dirty = set()
+        for (conn, packet_id, qos), (_part, _off, dup) in zip(batch.waiters, results):
+            if dup:
+                dups += 1
+            else:
+                stored += 1
+            if conn is not None:
+                conn.committed(packet_id, qos)
+                dirty.add(conn)
+        for conn, packet_id, qos in batch.ack_only:
+            conn.committed(packet_id, qos)
+            dirty.add(conn)
+        m["messages_stored"] += stored
+        m["messages_duplicate"] += dups
+        for proto in dirty:
+            proto.transport.acks_ready()
+        if self.store_full_until:
+            self.store_full_until = 0.0
+            log.warning("store has room again: accepting publishes")
+            for conn in list(self.conns.values()):
+                if conn.paused & PAUSE_STORE:
+                    conn.resume(PAUSE_STORE)
+
+    def _refuse(self, batch, error):
+        m = self.metrics
+        if not isinstance(error, StoreFull):
+            # Not a full store: an unexpected failure.  Nothing is acked; close the
+            # publishers so they resend (their messages are not in the log).
+            m["commit_errors"] += 1
+            for proto, _pid, _qos in batch.waiters:
+                if proto is not None:
+                    proto.transport.close(f"commit failed: {error}")
+            return
+        if not self.store_full_until:
+            log.error("store full (storage.map_size %d bytes): refusing publishes until retention "
+                      "frees space (MQTT 5: PUBACK 0x97; MQTT 3.1.1: publishers paused)",
+                      self.cfg.storage.map_size)
+        self.store_full_until = self.loop.time() + STORE_FULL_RETRY_S
+        self.loop.call_later(STORE_FULL_RETRY_S, self._retry_store)
+        held = Batch()
+        quota = QuotaExceeded("store full")
+        dirty = set()
+        for item, (conn, packet_id, qos) in zip(batch.items, batch.waiters):
+            if conn is None:
+                m["messages_dropped_store_full_qos0"] += 1
+            elif conn.version == MQTT5:
+                m["messages_refused_store_full"] += 1
+                conn.refused(packet_id, qos, quota)
+                dirty.add(conn)
+            else:
+                m["messages_held_store_full"] += 1
+                held.items.append(item)
+                held.waiters.append((conn, packet_id, qos))
+                held.nbytes += len(item[2])
+                conn.transport.pause(PAUSE_STORE)
+        held.ack_only.extend(batch.ack_only)
+        if len(held):
+            self.store_held = held
+        for proto in dirty:
+            proto.transport.acks_ready()
+        self.writer.expire(self.ingest.now_ms, self._expired)
+
+    def _retry_store(self):
+        if self.committing is None and (self.store_held is not None or len(self.ingest.batch)):
+            self._submit()
+
+    def _expired(self, _batch, result, error):
+        if error is not None:
+            log.error("retention/expiry failed: %s", error)
+        elif result and any(result.values()):
+            log.info("expiry: %s", result)
+
+    def _expire_tick(self):
+        self.writer.expire(int(time.time() * 1000), self._expired)
+        self.loop.call_later(self.cfg.storage.retention.check_interval, self._expire_tick)
+
+    # -- run and drain --------------------------------------------------------------
+
+    def run(self):
+        # Each connection is a file descriptor: take the hard limit, as mosquitto's
+        # packaging and most servers do, so max_connections is not capped at 1024.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        addr = self.listen()
+        log.info("pushcore listening on mqtt %s, data %s (%d partitions, durability %s)",
+                 _peer(addr), self.cfg.storage.data_dir, self.store.partitions,
+                 self.cfg.storage.durability)
+        self.loop.call_later(self.cfg.storage.retention.check_interval, self._expire_tick)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        systemd.notify(f"READY=1\nSTATUS=listening on {_peer(addr)}")
+        try:
+            self.loop.run()
+        finally:
+            self.writer.stop()
+            self.store.close()
+            self.loop.close()
+        log.info("pushcore stopped: %s", dict(self.metrics))
+
+    def _on_signal(self, signum, _frame):
+        self.loop.call_soon_threadsafe(self.drain, signal.Signals(signum).name)
+
+    def drain(self, why="drain"):
+        """Stop accepting, stop reading, commit what is pending, ack it, close."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("%s: draining %d connections", why, len(self.conns))
+        systemd.notify("STOPPING=1")
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+        for conn in list(self.conns.values()):
+            conn.pause(PAUSE_GLOBAL)
+        if self.committing is None and not len(self.ingest.batch):
+            self._finish_drain()
+        elif self.committing is None:
+            self._submit()
+
+    def _finish_drain(self):
+        for conn in list(self.conns.values()):
+            conn.proto.shutdown()
+            conn.close("server shutting down")
+        self.loop.stop()
+
+
+def _peer(addr):
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
