@@ -1,0 +1,486 @@
+"""The LMDB log: partitions of records, the dedup index, and their retention.
+
+One LMDB environment holds everything (the storage layout table in
+DESIGN.md).  This is the only module that imports ``lmdb``.
+
+Databases and their bytes (all integers big-endian)::
+
+    meta         b"format"      -> u32 store format version (STORE_FORMAT_VERSION)
+                 b"partitions"  -> u32 partition count, fixed at creation
+                 b"created_ms"  -> u64 creation time
+                 b"part.pNNN"   -> u64 record bytes kept + u64 trim mark (one past
+                                   the last trimmed offset, so an emptied partition
+                                   still knows its next offset)
+    log.pNNN     u64 offset     -> record (pushcore.record), appended in key order
+    ids          16-byte id hash -> u16 partition + u64 offset + u64 time_ms
+    ids.time     u64 time_ms + id hash -> b""   (walks ids oldest first for expiry)
+    retry, dlq, cursor, session, retained   created empty for later features
+
+Offsets are contiguous per partition from 0 and never reused: trimming
+moves the head, never the tail.  The next offset of a partition is read
+from the database (last key, else the trim mark) inside each write
+transaction, so another process appending to the same environment is
+noticed rather than overwritten.
+
+Durability: ``fsync`` opens with sync=True (each commit is fdatasync'd
+before append_batch returns; survives power loss), ``os`` with sync=False
+(the commit reaches the OS page cache; survives a process crash, not power
+loss).  ``map_size`` is the disk budget: when it is exhausted append_batch
+raises StoreFull and writes nothing; expire() frees pages for reuse.
+
+Thread use: one writer thread calls append_batch/expire; any thread may call
+the read methods, each of which uses its own read transaction.
+"""
+
+import heapq
+import itertools
+import os
+from struct import Struct
+
+import lmdb
+
+from pushcore.errors import PartitionMismatch, StoreError, StoreFull
+from pushcore.record import record_time_ms
+
+STORE_FORMAT_VERSION = 1
+# The log.pNNN names hold three digits.
+MAX_PARTITIONS = 1000
+# Bounded work per expire() call keeps the writer thread's stall short.
+EXPIRE_MAX_DELETIONS = 10_000
+# Named DBs besides the partitions: meta, ids, ids.time, retry, dlq, cursor,
+# session, retained, plus headroom for later features.
+_EXTRA_DBS = 16
+_EMPTY_DBS = (b"retry", b"dlq", b"cursor", b"session", b"retained")
+DURABILITY_MODES = ("fsync", "os")
+
+_U32 = Struct(">I")
+_U64 = Struct(">Q")
+_ID_ENTRY = Struct(">HQQ")
+_ID_TIME = slice(10, 18)
+_PART_META = Struct(">QQ")
+
+
+def _part_meta_key(partition):
+    return b"part.p%03d" % partition
+
+
+class Log:
+    """The store of one pushcore node.
+
+    ``map_size`` is the disk budget in bytes (LMDB's map).  ``dedup_window_ms``:
+    an id seen at most this long ago is a duplicate (the bound is inclusive).
+    ``retention_max_age_ms`` / ``retention_max_bytes`` (0 = off) bound the
+    records kept, by record time_ms and by the sum of record sizes (values,
+    without LMDB's page overhead).  ``now_ms`` is stored as the creation time
+    of a new store.
+    """
+
+    def __init__(self, path, partitions=8, map_size=1 << 30, durability="fsync",
+                 dedup_window_ms=86_400_000, retention_max_age_ms=0, retention_max_bytes=0,
+                 readonly=False, now_ms=0):
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+        if partitions is None:
+            # Readers (``pushcore log``) take the count the store was created with.
+            if not readonly:
+                raise ValueError("partitions=None is for read-only opens")
+        elif not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1..{MAX_PARTITIONS}, not {partitions}")
+        self.path = os.fspath(path)
+        self.partitions = partitions
+        self.durability = durability
+        self.readonly = readonly
+        self.dedup_window_ms = dedup_window_ms
+        self.retention_max_age_ms = retention_max_age_ms
+        self.retention_max_bytes = retention_max_bytes
+        if readonly and not os.path.exists(os.path.join(self.path, "data.mdb")):
+            raise StoreError(f"no store at {self.path}")
+        try:
+            self._env = lmdb.open(
+                self.path, map_size=map_size, subdir=True, readonly=readonly, create=not readonly,
+                lock=True, max_dbs=(partitions or MAX_PARTITIONS) + _EXTRA_DBS, sync=durability == "fsync",
+                metasync=True, writemap=False)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
+        try:
+            if readonly:
+                self._open_readonly()
+            else:
+                self._part_keys = [_part_meta_key(p) for p in range(partitions)]
+                with self._begin_write() as txn:
+                    self._meta = self._env.open_db(b"meta", txn=txn)
+                    self._check_meta(txn, now_ms)
+                    self._open_data_dbs(txn, create=True)
+                    self.next_offsets = [self._next_offset(txn, p) for p in range(partitions)]
+        except lmdb.Error as exc:
+            self._env.close()
+            raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _open_readonly(self):
+        # Handles opened inside a py-lmdb read transaction do not outlive it,
+        # so each open_db here uses its own temporary read transaction.
+        try:
+            self._meta = self._env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError:
+            raise StoreError(f"no store at {self.path}") from None
+        with self._env.begin() as txn:
+            if self.partitions is None:
+                stored = txn.get(b"partitions", db=self._meta)
+                if stored is None:
+                    raise StoreError(f"no store at {self.path}")
+                (self.partitions,) = _U32.unpack(stored)
+            self._check_meta(txn, None)
+        self._part_keys = [_part_meta_key(p) for p in range(self.partitions)]
+        self._open_data_dbs(None, create=False)
+        with self._env.begin() as txn:
+            self.next_offsets = [self._next_offset(txn, p) for p in range(self.partitions)]
+
+    def _check_meta(self, txn, now_ms):
+        """Check the stored format and partition count; write them into a new store.
+
+        ``now_ms`` None means read-only: a store without them is no store.
+        """
+        stored_format = txn.get(b"format", db=self._meta)
+        if stored_format is None:
+            if now_ms is None:
+                raise StoreError(f"no store at {self.path}")
+            txn.put(b"format", _U32.pack(STORE_FORMAT_VERSION), db=self._meta)
+            txn.put(b"partitions", _U32.pack(self.partitions), db=self._meta)
+            txn.put(b"created_ms", _U64.pack(now_ms), db=self._meta)
+            return
+        (version,) = _U32.unpack(stored_format)
+        if version != STORE_FORMAT_VERSION:
+            raise StoreError(f"store at {self.path} has format version {version};"
+                             f" this build reads version {STORE_FORMAT_VERSION}")
+        (stored_partitions,) = _U32.unpack(txn.get(b"partitions", db=self._meta))
+        if stored_partitions != self.partitions:
+            raise PartitionMismatch(
+                f"store at {self.path} has {stored_partitions} partitions but"
+                f" {self.partitions} were configured; the partition count is fixed"
+                f" when the store is created")
+
+    def _open_data_dbs(self, txn, create):
+        env = self._env
+        try:
+            self._logs = [env.open_db(b"log.p%03d" % p, txn=txn, create=create)
+                          for p in range(self.partitions)]
+            self._ids = env.open_db(b"ids", txn=txn, create=create)
+            self._ids_time = env.open_db(b"ids.time", txn=txn, create=create)
+            for name in _EMPTY_DBS:
+                env.open_db(name, txn=txn, create=create)
+        except lmdb.NotFoundError as exc:
+            raise StoreError(f"store at {self.path} is incomplete: {exc}") from None
+
+    def _begin_write(self):
+        if self.readonly:
+            raise StoreError(f"store at {self.path} is open read-only")
+        try:
+            return self._env.begin(write=True)
+        except lmdb.MapResizedError:
+            # Another process sharing the environment grew the map: adopt its
+            # size (set_mapsize(0)) outside any transaction, then begin again.
+            self._env.set_mapsize(0)
+            return self._env.begin(write=True)
+
+    def _part_meta(self, txn, partition):
+        value = txn.get(self._part_keys[partition], db=self._meta)
+        return _PART_META.unpack(value) if value is not None else (0, 0)
+
+    def _next_offset(self, txn, partition):
+        cursor = txn.cursor(self._logs[partition])
+        if cursor.last():
+            return _U64.unpack(cursor.key())[0] + 1
+        return self._part_meta(txn, partition)[1]
+
+    def _check_partition(self, partition):
+        if not 0 <= partition < self.partitions:
+            raise ValueError(f"partition {partition} out of range 0..{self.partitions - 1}")
+
+    def append_batch(self, items, now_ms):
+        """Append (partition, id_hash | None, record) items in ONE write transaction.
+
+        Returns one (partition, offset, duplicate) per item, in order, only
+        after the commit returned (fdatasync'd in fsync mode).  A duplicate
+        points at the stored original and writes nothing.  Raises StoreFull
+        (nothing written, next_offsets unchanged) when the map is exhausted.
+        """
+        if not items:
+            return []
+        horizon = now_ms - self.dedup_window_ms
+        txn = self._begin_write()
+        try:
+            get = txn.get
+            put = txn.put
+            ids_db = self._ids
+            pack_entry = _ID_ENTRY.pack
+            pack_offset = _U64.pack
+            results = []
+            append = results.append
+            rows_by_partition = {}
+            first_offsets = {}
+            new_hashes = []
+            stale_time_keys = []
+            for partition, ihash, record in items:
+                rows = rows_by_partition.get(partition)
+                if rows is None:
+                    self._check_partition(partition)
+                    rows = rows_by_partition[partition] = []
+                    first_offsets[partition] = self._next_offset(txn, partition)
+                offset = first_offsets[partition] + len(rows)
+                if ihash is not None:
+                    entry = pack_entry(partition, offset, now_ms)
+                    # Insert-if-absent is the dedup lookup: one B-tree descent, and
+                    # an earlier item of this batch is found like an earlier commit.
+                    if not put(ihash, entry, overwrite=False, db=ids_db):
+                        stored = get(ihash, db=ids_db)
+                        stored_partition, stored_offset, stored_ms = _ID_ENTRY.unpack(stored)
+                        if stored_ms >= horizon:
+                            append((stored_partition, stored_offset, True))
+                            continue
+                        # Outside the window: store again; its old expiry entry goes.
+                        stale_time_keys.append(stored[_ID_TIME] + ihash)
+                        put(ihash, entry, db=ids_db)
+                    new_hashes.append(ihash)
+                rows.append((pack_offset(offset), record))
+                append((partition, offset, False))
+
+            for partition, rows in rows_by_partition.items():
+                if not rows:
+                    continue
+                consumed, added = txn.cursor(self._logs[partition]).putmulti(rows, append=True)
+                if added != consumed:
+                    raise StoreError(f"log.p{partition:03d}: append out of key order")
+                kept_bytes, trim_mark = self._part_meta(txn, partition)
+                kept_bytes += sum([len(record) for _, record in rows])
+                txn.put(self._part_keys[partition], _PART_META.pack(kept_bytes, trim_mark),
+                        db=self._meta)
+            if new_hashes:
+                self._index_times(txn, now_ms, new_hashes, stale_time_keys)
+            txn.commit()
+        except lmdb.MapFullError as exc:
+            txn.abort()
+            raise StoreFull(f"store at {self.path} is full (map_size"
+                            f" {self._env.info()['map_size']} bytes)") from exc
+        except lmdb.Error as exc:
+            txn.abort()
+            raise StoreError(f"append to {self.path} failed: {exc}") from exc
+        except BaseException:
+            txn.abort()
+            raise
+        for partition, rows in rows_by_partition.items():
+            self.next_offsets[partition] = first_offsets[partition] + len(rows)
+        return results
+
+    def _index_times(self, txn, now_ms, new_hashes, stale_time_keys):
+        """Write the ids.time entries of ids stored at ``now_ms``."""
+        ids_time = self._ids_time
+        for key in stale_time_keys:
+            txn.delete(key, db=ids_time)
+        prefix = _U64.pack(now_ms)
+        new_hashes.sort()
+        rows = [(prefix + ihash, b"") for ihash in new_hashes]
+        cursor = txn.cursor(ids_time)
+        # With a clock that moves forward every batch lands past the last key,
+        # where append=True fills pages without splitting them.
+        at_end = not cursor.last() or cursor.key() < rows[0][0]
+        cursor.putmulti(rows, append=at_end)
+
+    def expire(self, now_ms, max_deletions=EXPIRE_MAX_DELETIONS):
+        """Trim partitions past retention and drop dedup ids past the window.
+
+        One write transaction doing at most ``max_deletions`` deletions;
+        ``more`` in the result is True when that bound stopped the work and
+        the caller should call again.  Offsets are never reused.
+
+        Deleting needs free pages too (LMDB copies each page it changes and
+        frees the old copy only at commit), so in a full map a large
+        transaction can fail where a small one succeeds: on MapFullError the
+        work is retried in a transaction an eighth the size, down to one
+        deletion, before StoreFull is raised.
+        """
+        if max_deletions < 1:
+            raise ValueError(f"max_deletions must be at least 1, not {max_deletions}")
+        budget = max_deletions
+        while True:
+            try:
+                return self._expire_once(now_ms, budget)
+            except lmdb.MapFullError as exc:
+                if budget <= 1:
+                    raise StoreFull(f"store at {self.path} is full and even one deletion"
+                                    f" does not fit; reopen it with a larger map_size") from exc
+                budget = max(1, budget // 8)
+
+    def _expire_once(self, now_ms, budget):
+        txn = self._begin_write()
+        try:
+            # Trimming first: it frees whole pages from the head of each
+            # partition, where expiring ids touches pages all over `ids`.
+            records, trimmed_bytes = self._trim(txn, now_ms, budget)
+            ids_expired, id_work = self._expire_ids(txn, now_ms - self.dedup_window_ms,
+                                                    budget - records)
+            txn.commit()
+        except lmdb.MapFullError:
+            txn.abort()
+            raise
+        except lmdb.Error as exc:
+            txn.abort()
+            raise StoreError(f"expire in {self.path} failed: {exc}") from exc
+        except BaseException:
+            txn.abort()
+            raise
+        return {"ids_expired": ids_expired, "records_trimmed": records,
+                "bytes_trimmed": trimmed_bytes, "more": records + id_work >= budget}
+
+    def _expire_ids(self, txn, horizon, budget):
+        """Delete ids stored before ``horizon``; return (ids deleted, work done)."""
+        if horizon <= 0 or budget <= 0:
+            return 0, 0
+        horizon_prefix = _U64.pack(horizon)
+        cursor = txn.cursor(self._ids_time)
+        ids_db = self._ids
+        expired = work = 0
+        if not cursor.first():
+            return 0, 0
+        while work < budget:
+            key = cursor.key()
+            if not key or key[:8] >= horizon_prefix:
+                break
+            # One ids.time entry per id: append_batch deletes the old one when
+            # it stores an id again.
+            if txn.delete(key[8:], db=ids_db):
+                expired += 1
+            cursor.delete()
+            work += 1
+        return expired, work
+
+    def _trim(self, txn, now_ms, budget):
+        """Trim partition heads by age, then by total bytes, oldest first.
+
+        Returns (records trimmed, bytes trimmed).
+        """
+        max_age = self.retention_max_age_ms
+        max_bytes = self.retention_max_bytes
+        if budget <= 0 or (max_age <= 0 and max_bytes <= 0):
+            return 0, 0
+        metas = [list(self._part_meta(txn, p)) for p in range(self.partitions)]
+        cursors = [txn.cursor(db) for db in self._logs]
+        changed = set()
+        records = trimmed_bytes = 0
+
+        def trim_head(partition):
+            cursor = cursors[partition]
+            size = len(cursor.value())
+            metas[partition][0] -= size
+            metas[partition][1] = _U64.unpack(cursor.key())[0] + 1
+            changed.add(partition)
+            cursor.delete()
+            return size
+
+        if max_age > 0:
+            cutoff = now_ms - max_age
+            for partition, cursor in enumerate(cursors):
+                if not cursor.first():
+                    continue
+                while records < budget and cursor.key():
+                    if record_time_ms(cursor.value()) >= cutoff:
+                        break
+                    trimmed_bytes += trim_head(partition)
+                    records += 1
+        if max_bytes > 0:
+            total = sum(meta[0] for meta in metas)
+            # (head record time, tie-break sequence, partition): equal times are
+            # taken round-robin rather than draining the lowest partition first.
+            heads = [(record_time_ms(cursor.value()), partition, partition)
+                     for partition, cursor in enumerate(cursors) if cursor.first()]
+            heapq.heapify(heads)
+            sequence = self.partitions
+            while total > max_bytes and records < budget and heads:
+                _, _, partition = heapq.heappop(heads)
+                size = trim_head(partition)
+                total -= size
+                trimmed_bytes += size
+                records += 1
+                cursor = cursors[partition]
+                if cursor.key():
+                    heapq.heappush(heads, (record_time_ms(cursor.value()), sequence, partition))
+                    sequence += 1
+        for partition in changed:
+            txn.put(self._part_keys[partition], _PART_META.pack(*metas[partition]),
+                    db=self._meta)
+        return records, trimmed_bytes
+
+    def read(self, partition, start_offset=0, limit=None):
+        """Return up to ``limit`` (offset, record) pairs from ``start_offset`` on."""
+        self._check_partition(partition)
+        with self._env.begin() as txn:
+            cursor = txn.cursor(self._logs[partition])
+            if not cursor.set_range(_U64.pack(start_offset)):
+                return []
+            unpack = _U64.unpack
+            return [(unpack(key)[0], value)
+                    for key, value in itertools.islice(cursor.iternext(), limit)]
+
+    def first_offset(self, partition):
+        """Offset of the oldest kept record; the next offset when the partition is empty."""
+        self._check_partition(partition)
+        with self._env.begin() as txn:
+            cursor = txn.cursor(self._logs[partition])
+            if cursor.first():
+                return _U64.unpack(cursor.key())[0]
+            return self._part_meta(txn, partition)[1]
+
+    def lookup_id(self, id_hash):
+        """(partition, offset, time_ms) stored for an id hash, or None."""
+        with self._env.begin() as txn:
+            entry = txn.get(id_hash, db=self._ids)
+        return _ID_ENTRY.unpack(entry) if entry is not None else None
+
+    def stats(self):
+        per_partition = []
+        with self._env.begin() as txn:
+            for partition, db in enumerate(self._logs):
+                cursor = txn.cursor(db)
+                kept_bytes, trim_mark = self._part_meta(txn, partition)
+                if cursor.first():
+                    first = _U64.unpack(cursor.key())[0]
+                    cursor.last()
+                    next_offset = _U64.unpack(cursor.key())[0] + 1
+                else:
+                    first = next_offset = trim_mark
+                per_partition.append({"partition": partition, "first": first,
+                                      "next": next_offset, "count": txn.stat(db)["entries"],
+                                      "bytes": kept_bytes})
+            ids = txn.stat(self._ids)["entries"]
+        info = self._env.info()
+        page_size = self._env.stat()["psize"]
+        return {
+            "path": self.path,
+            "partitions": self.partitions,
+            "durability": self.durability,
+            "map_size": info["map_size"],
+            # High-water mark of the data file; pages freed by expire are reused
+            # from inside it.
+            "used_bytes": (info["last_pgno"] + 1) * page_size,
+            "ids": ids,
+            "records": sum(p["count"] for p in per_partition),
+            "bytes": sum(p["bytes"] for p in per_partition),
+            "per_partition": per_partition,
+        }
+
+    def close(self):
+        if self._env is None:
+            return
+        if not self.readonly and self.durability == "os":
+            # A clean shutdown puts everything on disk even in "os" mode.
+            self._env.sync(True)
+        self._env.close()
+        self._env = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
