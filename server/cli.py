@@ -84,7 +84,7 @@ def cmd_log_stats(args):
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0
     print(f"store     {stats.get('path', '')}")
-    print(f"durability {stats.get('durability', '?')}   partitions {stats['partitions']}   "
+    print(f"partitions {stats['partitions']}   "
           f"ids {stats.get('ids', 0)}")
     if "map_size" in stats:
         print(f"map       {stats.get('used_bytes', 0)} / {stats['map_size']} bytes used")
