@@ -14,6 +14,7 @@ reading and parsing into the next batch.
 
 import collections
 import itertools
+import json
 import logging
 import queue
 import resource
@@ -358,6 +359,7 @@ class Server:
         self.loop.call_later(self.cfg.storage.retention.check_interval, self._expire_tick)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         systemd.notify(f"READY=1\nSTATUS=listening on {_peer(addr)}")
         try:
             self.loop.run()
@@ -365,10 +367,21 @@ class Server:
             self.writer.stop()
             self.store.close()
             self.loop.close()
-        log.info("pushcore stopped: %s", dict(self.metrics))
+        log.info("pushcore stopped: metrics %s", self.metrics_json())
 
     def _on_signal(self, signum, _frame):
         self.loop.call_soon_threadsafe(self.drain, signal.Signals(signum).name)
+
+    def _on_usr1(self, _signum, _frame):
+        self.loop.call_soon_threadsafe(self._log_metrics)
+
+    def _log_metrics(self):
+        log.info("metrics %s", self.metrics_json())
+
+    def metrics_json(self):
+        counters = dict(sorted(self.metrics.items()))
+        counters["connections"] = len(self.conns)
+        return json.dumps(counters)
 
     def drain(self, why="drain"):
         """Stop accepting, stop reading, commit what is pending, ack it, close."""
