@@ -207,6 +207,26 @@ class Log:
         points at the stored original and writes nothing.  Raises StoreFull
         (nothing written, next_offsets unchanged) when the map is exhausted.
         """
+        try:
+            return self._append_once(items, now_ms)
+        except StoreFull:
+            pass
+        # Seen with py-lmdb 3.0 / LMDB 0.9: after retention freed pages in one large
+        # transaction, a batch needing multi-page (overflow) records fails with
+        # MDB_MAP_FULL again and again, because each failed transaction is aborted
+        # and loses the free pages it had loaded from the free list.  A small
+        # committed write makes LMDB take those pages up; then the batch fits.
+        self._reclaim(now_ms)
+        return self._append_once(items, now_ms)
+
+    def _reclaim(self, now_ms):
+        try:
+            with self._begin_write() as txn:
+                txn.put(b"reclaimed_ms", _U64.pack(now_ms), db=self._meta)
+        except lmdb.MapFullError:
+            pass
+
+    def _append_once(self, items, now_ms):
         if not items:
             return []
         horizon = now_ms - self.dedup_window_ms

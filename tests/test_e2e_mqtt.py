@@ -365,3 +365,38 @@ def test_sigterm_drains_and_exits_zero(daemon):
     assert daemon.stop() == 0
     c.loop_stop()
     assert [r["payload"] for r in daemon.dump() if r["topic"] == "drain"] == ["last"]
+
+
+def test_store_full_v311_is_held_unacked_then_stored_when_space_returns(tmp_path):
+    config = ("storage:\n  map_size: 1MiB\n  retention:\n    max_age: 4s\n    check_interval: 1s\n")
+    d = Daemon(tmp_path, config=config, durability="os").start()
+    payload = b"z" * 8000
+    try:
+        filler = connect_raw(d, 5, "filler5")
+
+        def fill(first_id):
+            for i in range(first_id, first_id + 400):
+                filler.sendall(_frame.encode(_frame.Publish("fill", payload, qos=1, packet_id=i), 5))
+                (ack,) = read_packets(filler, 5)
+                if ack.reason_code == 0x97:
+                    return i
+            raise AssertionError("the store never filled")
+
+        last = fill(1)
+        # Still full after the daemon's own retry a second later.
+        time.sleep(1.2)
+        fill(last + 1)
+        # A 3.1.1 publisher cannot be told "quota exceeded": it gets no ack (and is
+        # not read) until retention has made room, then its message is stored and acked.
+        v3 = connect_raw(d, 4, "patient311")
+        t0 = time.monotonic()
+        v3.sendall(_frame.encode(_frame.Publish("held", payload, qos=1, packet_id=5), 4))
+        (ack,) = read_packets(v3, 4, timeout=20)
+        waited = time.monotonic() - t0
+        assert (ack.type, ack.packet_id) == (_frame.PUBACK, 5)
+        assert waited > 1.0, "acked while the store was full"
+    finally:
+        d.stop()
+    assert len([r for r in d.dump() if r["topic"] == "held"]) == 1
+    assert '"messages_held_store_full": ' in d.log()
+    assert "store has room again" in d.log()

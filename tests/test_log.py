@@ -280,6 +280,23 @@ def test_store_full_then_expire_frees_space(tmp_env):
     log.close()
 
 
+def test_large_records_fit_again_after_one_big_trim(tmp_env):
+    # Regression: after one transaction trimmed a whole full map, multi-page
+    # (overflow) records kept failing with MapFull until a small commit let
+    # LMDB take up the freed pages; append_batch now does that itself.
+    log = open_log(tmp_env, map_size=1 << 20, retention_max_age_ms=4000)
+    stored = 0
+    with pytest.raises(StoreFull):
+        while True:
+            log.append_batch([(0, None, rec(1000, b"z" * 8000))], now_ms=1000)
+            stored += 1
+    assert stored > 50
+    assert log.expire(now_ms=9000)["records_trimmed"] == stored
+    for i in range(stored // 2):
+        log.append_batch([(1, None, rec(10_000, b"z" * 8000))], now_ms=10_000)
+    assert log.next_offsets[1] == stored // 2
+
+
 def test_map_grows_when_reopened_with_a_bigger_budget(tmp_env):
     log = open_log(tmp_env, map_size=256 * 1024)
     _fill(log, now_ms=1)
