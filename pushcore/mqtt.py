@@ -21,6 +21,10 @@ Callback order, asyncio style::
   no ack ever leaves for a record that is not committed.
 - ``refused(packet_id, qos, error)`` is the same for a batch the log refused
   (StoreFull): a v5 client gets PUBACK/PUBREC 0x97 Quota exceeded.
+- A QoS 1/2 PUBLISH refused while parsing (v5 payload not UTF-8 as its Payload
+  Format Indicator says) is answered with PUBACK/PUBREC 0x99, but only after
+  the acks owed for the publishes that came before it, so acks leave in the
+  order the PUBLISH packets arrived.
 - Errors become reply bytes in exactly one place, ``_fail``.
 
 After ``receive`` the server looks at ``out`` (bytes to send), ``close_after_flush``
@@ -29,10 +33,10 @@ for 3.1.1 flow control).
 """
 
 import json
+from collections import deque
 
 from . import _frame
 from ._frame import (
-    Ack,
     Connack,
     Disconnect,
     Parser,
@@ -123,6 +127,15 @@ class MQTTServerConnection:
         # MQTT 5.0 §4.3.3 / 3.1.1 §4.3.3: QoS 2 packet ids between PUBLISH and
         # PUBREL; a re-sent PUBLISH with one of these ids is not stored again.
         self.qos2_received = set()
+        # MQTT 5.0 §4.6 [MQTT-4.6.0-2, -3]: PUBACK/PUBREC go out in the order the
+        # PUBLISH packets arrived.  A refusal decided while parsing waits here until
+        # the acks owed before it are written: (acks_written to wait for, packet id,
+        # qos, reason code).
+        self.acks_written = 0
+        self.held_refusals = deque()
+        # MQTT 5.0 §3.1.2.11.7: with Request Problem Information 0 the server sends no
+        # Reason String except in PUBLISH, CONNACK and DISCONNECT.
+        self.problem_information = True
         self.topic_aliases = {}
         self.max_packet_out = 268435460
         self.errors = 0
@@ -152,8 +165,10 @@ class MQTTServerConnection:
         s = self.settings
         self.version = p.protocol_level
         props = p.properties
-        if props is not None and "authentication_method" in props:
-            raise MQTTError("enhanced authentication is not supported", CONNACK_BAD_AUTH_METHOD)
+        if props is not None:
+            if "authentication_method" in props:
+                raise MQTTError("enhanced authentication is not supported", CONNACK_BAD_AUTH_METHOD)
+            self.problem_information = props.get("request_problem_information", 1) == 1
         client_id = p.client_id
         assigned = None
         if not client_id:
@@ -165,6 +180,12 @@ class MQTTServerConnection:
         self.keepalive = p.keepalive
         server_keepalive = None
         if s.keepalive_max and (p.keepalive == 0 or p.keepalive > s.keepalive_max):
+            if self.version != MQTT5:
+                # MQTT 3.1.1 has no Server Keep Alive: the client would go on pinging at its
+                # own, longer interval and be closed at 1.5x ours.  Refuse it up front with
+                # CONNACK 0x02 Identifier rejected, as Mosquitto's max_keepalive does.
+                raise ClientIdentifierNotValid(
+                    f"keepalive {p.keepalive} is 0 or above mqtt.keepalive_max {s.keepalive_max}")
             # MQTT 5.0 §3.2.2.3.14: the server tells the client the keepalive it must use.
             self.keepalive = s.keepalive_max
             server_keepalive = s.keepalive_max
@@ -206,6 +227,9 @@ class MQTTServerConnection:
         msg_id = key = None
         raw_props = b""
         if props is not None:
+            if "subscription_identifier" in props:
+                # MQTT 5.0 §3.3.4 [MQTT-3.3.4-6]: only the server puts one in a PUBLISH.
+                raise ProtocolError("subscription_identifier in a PUBLISH from the client")
             alias = props.get("topic_alias")
             if alias is not None:
                 # MQTT 5.0 §3.3.2.3.4: 0 or above Topic Alias Maximum is 0x94.
@@ -228,12 +252,16 @@ class MQTTServerConnection:
                         msg_id = value.encode()
                     elif name == key_name:
                         key = value.encode()
-            if props.get("payload_format_indicator") == 1:
-                # MQTT 5.0 §3.3.2.3.2: the payload must then be UTF-8.
-                try:
-                    p.payload.decode()
-                except UnicodeDecodeError:
-                    raise PayloadFormatInvalid("payload is not UTF-8") from None
+            if props.get("payload_format_indicator") == 1 and not _is_utf8(p.payload):
+                # MQTT 5.0 §3.3.2.3.2: the receiver MAY check the payload and answer
+                # PUBACK, PUBREC or DISCONNECT 0x99.  QoS 1/2: the ack refuses this one
+                # message and ends its flow (§4.3.2, §4.3.3), so the client does not resend
+                # it after every reconnect, and the connection goes on.  QoS 0 has no ack;
+                # nothing is dropped silently, so that is a DISCONNECT.
+                if qos == 0:
+                    raise PayloadFormatInvalid("payload is not UTF-8")
+                self._refuse_in_order(p.packet_id, qos, PayloadFormatInvalid.reason_code)
+                return
             if props:
                 raw_props = encode_properties(props)
         elif s.json_field is not None and self.version == MQTT311:
@@ -264,7 +292,9 @@ class MQTTServerConnection:
             return None
         try:
             value = json.loads(payload).get(self.settings.json_field)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
+            # Not JSON, or nested past the interpreter's limit ({"a":{"a":... fits
+            # easily in one packet): no id, the message is stored all the same.
             return None
         if value is None:
             return None
@@ -293,10 +323,9 @@ class MQTTServerConnection:
         n = len(p.subscriptions)
         if self.version == MQTT5:
             props = {"reason_string": "subscriptions are not supported yet"}
-            if self._fits(props):
-                self.out += encode(Suback(p.packet_id, [SUBACK_IMPLEMENTATION_SPECIFIC] * n, props), MQTT5)
-            else:
-                self.out += encode(Suback(p.packet_id, [SUBACK_IMPLEMENTATION_SPECIFIC] * n, None), MQTT5)
+            if not self.problem_information or not self._fits(props):
+                props = None
+            self.out += encode(Suback(p.packet_id, [SUBACK_IMPLEMENTATION_SPECIFIC] * n, props), MQTT5)
         else:
             self.out += encode(Suback(p.packet_id, [SUBACK_FAILURE_V3] * n, None), MQTT311)
 
@@ -353,6 +382,9 @@ class MQTTServerConnection:
         if self.state == STATE_CLOSED:
             return
         self.out += encode_ack(_frame.PUBACK if qos == 1 else _frame.PUBREC, packet_id, 0, self.version)
+        self.acks_written += 1
+        if self.held_refusals:
+            self._release_refusals()
 
     def refused(self, packet_id, qos, error):
         """The log refused the batch (StoreFull).  Only v5 can say so in the ack."""
@@ -364,6 +396,29 @@ class MQTTServerConnection:
             self.qos2_received.discard(packet_id)
         self.out += encode_ack(_frame.PUBACK if qos == 1 else _frame.PUBREC, packet_id,
                                error.reason_code, self.version)
+        self.acks_written += 1
+        if self.held_refusals:
+            self._release_refusals()
+
+    def _refuse_in_order(self, packet_id, qos, reason_code):
+        """Refuse one v5 QoS 1/2 PUBLISH in its ack, after the acks owed before it."""
+        held = self.held_refusals
+        if self.inflight + len(held) >= self.settings.receive_maximum:
+            # MQTT 5.0 §3.3.4: the client counts a refused publish until its ack arrives.
+            raise ReceiveMaximumExceeded("receive maximum exceeded")
+        self.errors += 1
+        if self.inflight:
+            held.append((self.acks_written + self.inflight, packet_id, qos, reason_code))
+        else:
+            self.out += encode_ack(_frame.PUBACK if qos == 1 else _frame.PUBREC, packet_id,
+                                   reason_code, MQTT5)
+
+    def _release_refusals(self):
+        held = self.held_refusals
+        while held and held[0][0] <= self.acks_written:
+            _, packet_id, qos, reason_code = held.popleft()
+            self.out += encode_ack(_frame.PUBACK if qos == 1 else _frame.PUBREC, packet_id,
+                                   reason_code, MQTT5)
 
     # -- server-initiated -------------------------------------------------
 
@@ -406,3 +461,10 @@ class MQTTServerConnection:
         self.state = STATE_CLOSED
         self.close_after_flush = True
 
+
+def _is_utf8(payload):
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
