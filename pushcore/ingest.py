@@ -13,27 +13,40 @@ class Batch:
     """Records waiting for one group commit, and who waits for each.
 
     ``items`` is exactly what ``Log.append_batch`` takes: (partition, id hash
-    or None, record bytes).  ``waiters[i]`` is (connection, packet id, qos)
-    for ``items[i]``; QoS 0 records wait for nobody (connection None).
+    or None, record bytes).  ``waiters`` is (connection, packet id, qos,
+    index into ``items``) in the order the publishes arrived, so acks leave in
+    that order (MQTT 5.0 §4.6).  QoS 0 records wait for nobody.  An index of
+    -1 is an ack owed for a message an earlier batch stored (a QoS 2 PUBLISH
+    re-sent before PUBREL): batches commit in order, so it goes out with this
+    one.
     """
 
-    __slots__ = ("items", "waiters", "nbytes", "ack_only")
+    __slots__ = ("items", "waiters", "nbytes")
 
     def __init__(self):
         self.items = []
         self.waiters = []
         self.nbytes = 0
-        # Acks owed for messages stored by an earlier batch (a QoS 2 PUBLISH re-sent
-        # before PUBREL): batches commit in order, so these go out with this one.
-        self.ack_only = []
 
     def __len__(self):
-        return len(self.items) + len(self.ack_only)
+        return len(self.items) + len(self.waiters)
 
     def add(self, partition, idh, record, conn, packet_id, qos):
-        self.items.append((partition, idh, record))
-        self.waiters.append((conn, packet_id, qos))
+        items = self.items
+        if conn is not None:
+            self.waiters.append((conn, packet_id, qos, len(items)))
+        items.append((partition, idh, record))
         self.nbytes += len(record)
+
+    def add_ack_only(self, conn, packet_id, qos):
+        self.waiters.append((conn, packet_id, qos, -1))
+
+    def extend(self, other):
+        """Append another batch's records and waiters after this one's."""
+        base = len(self.items)
+        self.items.extend(other.items)
+        self.waiters.extend((c, p, q, i + base if i >= 0 else -1) for c, p, q, i in other.waiters)
+        self.nbytes += other.nbytes
 
 
 class Ingest:
@@ -65,7 +78,7 @@ class Ingest:
         self.batch.add(part, idh, record, conn, packet_id, qos)
 
     def add_ack_only(self, conn, packet_id, qos):
-        self.batch.ack_only.append((conn, packet_id, qos))
+        self.batch.add_ack_only(conn, packet_id, qos)
 
     def take(self):
         """Hand the filled batch to the writer and start a new one."""

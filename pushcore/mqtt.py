@@ -48,6 +48,7 @@ from ._frame import (
 )
 from .errors import (
     ClientIdentifierNotValid,
+    ImplementationSpecificError,
     KeepAliveTimeout,
     MQTTError,
     PayloadFormatInvalid,
@@ -407,6 +408,8 @@ class MQTTServerConnection:
             # MQTT 5.0 §3.3.4: the client counts a refused publish until its ack arrives.
             raise ReceiveMaximumExceeded("receive maximum exceeded")
         self.errors += 1
+        if self.server is not None:
+            self.server.metrics["messages_refused_payload_format"] += 1
         if self.inflight:
             held.append((self.acks_written + self.inflight, packet_id, qos, reason_code))
         else:
@@ -427,6 +430,10 @@ class MQTTServerConnection:
 
     def taken_over(self):
         self._fail(SessionTakenOver("session taken over"))
+
+    def internal_error(self, err):
+        """A bug surfaced while handling this connection's input."""
+        self._fail(ImplementationSpecificError(f"internal error: {type(err).__name__}"))
 
     def shutdown(self):
         """The server is stopping (after its final commit and acks)."""

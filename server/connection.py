@@ -92,7 +92,16 @@ class Connection:
         rend += n
         proto = self.proto
         was_connected = proto.state == STATE_CONNECTED
-        consumed = proto.receive(buf, self.rstart, rend)
+        try:
+            consumed = proto.receive(buf, self.rstart, rend)
+        except Exception as err:
+            # A bug, not bad input (bad input raises MQTTError, handled inside):
+            # this connection ends with 0x83, the daemon and the others go on.
+            log.exception("internal error on %s", proto.client_id or self.peer)
+            server.metrics["internal_errors"] += 1
+            proto.internal_error(err)
+            self.close(proto.close_reason)
+            return
         if consumed == rend:
             # Everything parsed: give the buffer back, an idle connection keeps none.
             server.pool.put(buf, self.rview)

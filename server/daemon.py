@@ -231,13 +231,8 @@ class Server:
 
     def _submit(self):
         if self.store_held is not None:
-            held, self.store_held = self.store_held, None
-            batch = self.ingest.take()
-            held.items.extend(batch.items)
-            held.waiters.extend(batch.waiters)
-            held.ack_only.extend(batch.ack_only)
-            held.nbytes += batch.nbytes
-            batch = held
+            batch, self.store_held = self.store_held, None
+            batch.extend(self.ingest.take())
         else:
             batch = self.ingest.take()
         self.committing = batch
@@ -266,22 +261,15 @@ class Server:
             self._finish_drain()
 
     def _ack(self, batch, results):
-        m = self.metrics
-        stored = dups = 0
+        dups = 0
+        for _part, _off, dup in results:
+            dups += dup
+        self.metrics["messages_stored"] += len(results) - dups
+        self.metrics["messages_duplicate"] += dups
         dirty = set()
-        for (conn, packet_id, qos), (_part, _off, dup) in zip(batch.waiters, results):
-            if dup:
-                dups += 1
-            else:
-                stored += 1
-            if conn is not None:
-                conn.committed(packet_id, qos)
-                dirty.add(conn)
-        for conn, packet_id, qos in batch.ack_only:
-            conn.committed(packet_id, qos)
-            dirty.add(conn)
-        m["messages_stored"] += stored
-        m["messages_duplicate"] += dups
+        for proto, packet_id, qos, _index in batch.waiters:
+            proto.committed(packet_id, qos)
+            dirty.add(proto)
         for proto in dirty:
             proto.transport.acks_ready()
         if self.store_full_until:
@@ -297,9 +285,8 @@ class Server:
             # Not a full store: an unexpected failure.  Nothing is acked; close the
             # publishers so they resend (their messages are not in the log).
             m["commit_errors"] += 1
-            for proto, _pid, _qos in batch.waiters:
-                if proto is not None:
-                    proto.transport.close(f"commit failed: {error}")
+            for proto, _pid, _qos, _index in batch.waiters:
+                proto.transport.close(f"commit failed: {error}")
             return
         if not self.store_full_until:
             log.error("store full (storage.map_size %d bytes): refusing publishes until retention "
@@ -310,20 +297,23 @@ class Server:
         held = Batch()
         quota = QuotaExceeded("store full")
         dirty = set()
-        for item, (conn, packet_id, qos) in zip(batch.items, batch.waiters):
-            if conn is None:
-                m["messages_dropped_store_full_qos0"] += 1
-            elif conn.version == MQTT5:
-                m["messages_refused_store_full"] += 1
-                conn.refused(packet_id, qos, quota)
-                dirty.add(conn)
-            else:
+        items = batch.items
+        waited = 0
+        for proto, packet_id, qos, index in batch.waiters:
+            if index >= 0:
+                waited += 1
+            if proto.version == MQTT5:
+                if index >= 0:
+                    m["messages_refused_store_full"] += 1
+                proto.refused(packet_id, qos, quota)
+                dirty.add(proto)
+            elif index >= 0:
                 m["messages_held_store_full"] += 1
-                held.items.append(item)
-                held.waiters.append((conn, packet_id, qos))
-                held.nbytes += len(item[2])
-                conn.transport.pause(PAUSE_STORE)
-        held.ack_only.extend(batch.ack_only)
+                held.add(*items[index], proto, packet_id, qos)
+                proto.transport.pause(PAUSE_STORE)
+            else:
+                held.add_ack_only(proto, packet_id, qos)
+        m["messages_dropped_store_full_qos0"] += len(items) - waited
         if len(held):
             self.store_held = held
         for proto in dirty:

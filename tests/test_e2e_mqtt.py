@@ -400,3 +400,21 @@ def test_store_full_v311_is_held_unacked_then_stored_when_space_returns(tmp_path
     assert len([r for r in d.dump() if r["topic"] == "held"]) == 1
     assert '"messages_held_store_full": ' in d.log()
     assert "store has room again" in d.log()
+
+
+def test_acks_follow_publish_order_across_a_qos2_resend(daemon):
+    # MQTT 5.0 §4.6: acks in the order the PUBLISH packets arrived, including the
+    # PUBREC owed for a QoS 2 PUBLISH re-sent before PUBREL (stored only once).
+    s = connect_raw(daemon, 5, "ordered")
+    first = _frame.Publish("order/q2", b"once", qos=2, packet_id=9)
+    s.sendall(_frame.encode(first, 5))
+    (rec,) = read_packets(s, 5)
+    assert (rec.type, rec.packet_id) == (_frame.PUBREC, 9)
+    first.dup = True
+    s.sendall(_frame.encode(first, 5)
+              + _frame.encode(_frame.Publish("order/q1", b"a", qos=1, packet_id=10), 5)
+              + _frame.encode(_frame.Publish("order/q2b", b"b", qos=2, packet_id=11), 5))
+    acks = read_packets(s, 5, want=3)
+    assert [(a.type, a.packet_id) for a in acks] == \
+        [(_frame.PUBREC, 9), (_frame.PUBACK, 10), (_frame.PUBREC, 11)]
+    assert len([r for r in daemon.dump() if r["topic"] == "order/q2"]) == 1

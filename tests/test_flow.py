@@ -156,3 +156,43 @@ def test_sigusr1_logs_counters(tmp_path):
         assert '"messages_stored": 3' in d.log()
     finally:
         d.stop()
+
+
+def test_a_bug_in_one_connection_closes_it_with_0x83_and_the_rest_go_on(tmp_path):
+    # Fault injection in-process: a handler raising a non-MQTT exception is a bug;
+    # that connection gets DISCONNECT 0x83, the daemon and other connections carry on.
+    from pushcore.config import load_config
+    from pushcore.mqtt import MQTTServerConnection
+    from server.daemon import Server
+
+    cfg = load_config(None, {"storage.data_dir": str(tmp_path / "data"), "storage.durability": "os",
+                             "mqtt.bind": "127.0.0.1:0"})
+    srv = Server(cfg)
+    host, port = srv.listen()
+    loop_thread = threading.Thread(target=srv.loop.run)
+    loop_thread.start()
+
+    def broken_pingreq(self, packet):
+        raise KeyError("injected")
+
+    original = MQTTServerConnection._handlers[_frame.PINGREQ]
+    MQTTServerConnection._handlers[_frame.PINGREQ] = broken_pingreq
+    try:
+        d = type("D", (), {"host": host, "port": port})
+        victim, vparser = connect(d, 5, "victim")
+        other, oparser = connect(d, 5, "other")
+        victim.sendall(b"\xc0\x00")
+        victim.settimeout(5)
+        data = victim.recv(64)
+        packets, _, _ = vparser.parse(data, 0, len(data))
+        assert packets[0].type == _frame.DISCONNECT and packets[0].reason_code == 0x83
+        assert victim.recv(64) == b""
+        other.sendall(publishes(5, "after/bug", 5))
+        assert len(read_acks(other, oparser, 5)) == 5
+        assert srv.metrics["internal_errors"] == 1
+    finally:
+        MQTTServerConnection._handlers[_frame.PINGREQ] = original
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        loop_thread.join(10)
+        srv.writer.stop()
+        srv.store.close()
