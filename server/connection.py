@@ -22,6 +22,17 @@ is set:
 - ``PAUSE_GLOBAL``: the pending batch or the writer is behind (server-wide).
 - ``PAUSE_STORE``: the store is full and this 3.1.1 publisher's messages are
   held until it has room again.
+- ``PAUSE_DRAIN``: the server is draining (SIGTERM); never cleared.
+
+While the server itself holds a connection (every bit but ``PAUSE_OUTBUF``),
+its keepalive (or CONNECT deadline) timer is stopped: the client may well be
+sending PINGREQs that nobody reads.  It is re-armed in full when that hold
+ends.  A client that does not read its acks (``PAUSE_OUTBUF``) keeps its
+timer, so a dead one is still closed.
+
+A partial packet of at most ``TAIL_MAX`` bytes left after parsing is copied
+out and the pool buffer given back, so a client that sends a few bytes and
+stops (slowloris) pins those bytes, not a whole buffer.
 """
 
 import errno
@@ -34,13 +45,17 @@ PAUSE_INFLIGHT = 1
 PAUSE_OUTBUF = 2
 PAUSE_GLOBAL = 4
 PAUSE_STORE = 8
+PAUSE_DRAIN = 16
+SERVER_HOLDS = PAUSE_INFLIGHT | PAUSE_GLOBAL | PAUSE_STORE | PAUSE_DRAIN
+
+TAIL_MAX = 4096
 
 log = logging.getLogger("pushcore.conn")
 
 
 class Connection:
     __slots__ = ("server", "sock", "fd", "peer", "proto", "rbuf", "rview", "rstart", "rend",
-                 "paused", "reading", "writing", "timer", "closed", "keepalive_s")
+                 "tail", "paused", "reading", "writing", "timer", "closed", "keepalive_s")
 
     def __init__(self, server, sock, peer):
         self.server = server
@@ -53,6 +68,7 @@ class Connection:
         self.rview = None
         self.rstart = 0
         self.rend = 0
+        self.tail = b""
         self.paused = 0
         self.reading = False
         self.writing = False
@@ -77,7 +93,12 @@ class Connection:
         if buf is None:
             buf, self.rview = server.pool.get()
             self.rbuf = buf
-            self.rstart = self.rend = 0
+            self.rstart = 0
+            tail = self.tail
+            if tail:
+                buf[:len(tail)] = tail
+                self.tail = b""
+            self.rend = len(tail)
         rend = self.rend
         try:
             n = self.sock.recv_into(self.rview[rend:])
@@ -122,11 +143,16 @@ class Connection:
 
     def _keep_partial(self, buf, consumed, rend):
         """A partial packet is left: keep it, moving it to the front or growing the buffer."""
+        pending = rend - consumed
+        if pending <= TAIL_MAX and len(buf) == self.server.pool.size:
+            self.tail = bytes(self.rview[consumed:rend])
+            self.server.pool.put(buf, self.rview)
+            self.rbuf = self.rview = None
+            return
         if rend < len(buf):
             self.rstart = consumed
             self.rend = rend
             return
-        pending = rend - consumed
         if consumed > 0:
             buf[:pending] = buf[consumed:rend]
             self.rstart = 0
@@ -167,14 +193,25 @@ class Connection:
     # -- flow control -------------------------------------------------------
 
     def pause(self, flag):
+        if self.closed:
+            return
+        if flag & SERVER_HOLDS and not self.paused & SERVER_HOLDS:
+            self.timer.cancel()
         self.paused |= flag
         if self.reading:
             self.reading = False
             self.server.loop.remove_reader(self.fd)
 
     def resume(self, flag):
+        if self.closed or not self.paused & flag:
+            return
         self.paused &= ~flag
-        if not self.paused and not self.reading and not self.closed:
+        if flag & SERVER_HOLDS and not self.paused & SERVER_HOLDS:
+            if self.proto.state != STATE_CONNECTED:
+                self.timer.reset(self.server.connect_timeout)
+            elif self.keepalive_s:
+                self.timer.reset(self.keepalive_s)
+        if not self.paused and not self.reading:
             self.reading = True
             self.server.loop.add_reader(self.fd, self.on_readable)
 
@@ -238,10 +275,14 @@ class Connection:
         self.proto.state = STATE_CLOSED
         self.timer.cancel()
         loop = self.server.loop
+        # Forget the fd's registrations now: the number may be reused at once by
+        # the next accept, and a late pause() must not unregister the new owner.
         if self.reading:
             loop.remove_reader(self.fd)
+            self.reading = False
         if self.writing:
             loop.remove_writer(self.fd)
+            self.writing = False
         if self.rbuf is not None:
             self.server.pool.put(self.rbuf, self.rview)
             self.rbuf = self.rview = None

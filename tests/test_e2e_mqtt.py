@@ -388,7 +388,8 @@ def test_store_full_v311_is_held_unacked_then_stored_when_space_returns(tmp_path
         fill(last + 1)
         # A 3.1.1 publisher cannot be told "quota exceeded": it gets no ack (and is
         # not read) until retention has made room, then its message is stored and acked.
-        v3 = connect_raw(d, 4, "patient311")
+        # Its 1 s keepalive is suspended meanwhile: the server, not the client, is silent.
+        v3 = connect_raw(d, 4, "patient311", keepalive=1)
         t0 = time.monotonic()
         v3.sendall(_frame.encode(_frame.Publish("held", payload, qos=1, packet_id=5), 4))
         (ack,) = read_packets(v3, 4, timeout=20)

@@ -196,3 +196,35 @@ def test_a_bug_in_one_connection_closes_it_with_0x83_and_the_rest_go_on(tmp_path
         loop_thread.join(10)
         srv.writer.stop()
         srv.store.close()
+
+
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_slowloris_partial_packets_do_not_pin_receive_buffers(tmp_path):
+    # keepalive 0 and one byte of the next packet, then silence: each such
+    # connection must cost a few bytes of tail, not a 64 KiB pool buffer.
+    d = Daemon(tmp_path, durability="os").start()
+    socks = []
+    try:
+        time.sleep(0.3)
+        before = _rss_kb(d.proc.pid)
+        for i in range(300):
+            s, _parser = connect(d, 4, f"slow-{i}")
+            s.sendall(b"\x30")
+            socks.append(s)
+        # Everyone is still connected, the daemon still serves.
+        other, oparser = connect(d, 5, "normal")
+        other.sendall(publishes(5, "slow/other", 5))
+        assert len(read_acks(other, oparser, 5)) == 5
+        grown = _rss_kb(d.proc.pid) - before
+        assert grown < 300 * 16, f"RSS grew {grown} KiB for 300 slow connections"
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()
