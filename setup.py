@@ -4,6 +4,7 @@ from setuptools import Extension, setup
 # One Extension list and one directives dict (house style, as picows/uvloop).
 extensions = [
     Extension("pushcore._frame", ["pushcore/_frame.pyx"], extra_compile_args=["-O2"]),
+    Extension("pushcore._ingest", ["pushcore/_ingest.pyx"], extra_compile_args=["-O2"]),
 ]
 
 directives = {

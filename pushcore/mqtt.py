@@ -46,6 +46,7 @@ from ._frame import (
     encode_ack,
     encode_properties,
 )
+from ._ingest import STATE_CLOSED, STATE_CONNECTED, STATE_CONNECTING, ConnState
 from .errors import (
     ClientIdentifierNotValid,
     ImplementationSpecificError,
@@ -77,11 +78,6 @@ QOS_NOT_SUPPORTED = 0x9B
 # MQTT 5.0 §3.14.2.1: 0x8B Server shutting down.
 SERVER_SHUTTING_DOWN = 0x8B
 
-STATE_CONNECTING = 0
-STATE_CONNECTED = 1
-STATE_CLOSED = 2
-
-
 class MQTTSettings:
     """What the server configured for its MQTT listener (plain values, no I/O)."""
 
@@ -103,8 +99,18 @@ class MQTTSettings:
         self.json_field = json_field
 
 
-class MQTTServerConnection:
-    """The MQTT state of one client connection (see the module docstring)."""
+class MQTTServerConnection(ConnState):
+    """The MQTT state of one client connection (see the module docstring).
+
+    Its hot fields (state, version, client_id, inflight, acks_written, out,
+    qos2_received, held_refusals, settings, ingest) live in the C base class
+    ``ConnState`` (pushcore/_ingest.pyx), whose loops do the common case of
+    ``handle_publish`` and ``committed`` without entering Python per message.
+    """
+
+    # False sends every packet through the handle_<verb> table: the reference
+    # the C path is checked against (tests/test_ingest_fast.py).
+    fast_path = True
 
     def __init__(self, settings, ingest, server=None):
         self.settings = settings
@@ -147,9 +153,20 @@ class MQTTServerConnection:
         """Handle every complete packet in buf[start:end]; return the first unconsumed offset."""
         packets, consumed, error = self.parser.parse(buf, start, end)
         handlers = self._handlers
-        for packet in packets:
+        fast_path = self.fast_path
+        i = 0
+        n = len(packets)
+        while i < n:
+            if fast_path:
+                # A run of ordinary PUBLISH packets becomes records in one C call; it
+                # stops at the first packet that needs handle_<verb> (ConnState).
+                i = self.ingest_publishes(packets, i)
+                if i == n:
+                    break
             if self.state == STATE_CLOSED:
                 break
+            packet = packets[i]
+            i += 1
             try:
                 handlers[packet.type](self, packet)
             except MQTTError as err:
@@ -378,7 +395,11 @@ class MQTTServerConnection:
     # -- results of the group commit --------------------------------------
 
     def committed(self, packet_id, qos):
-        """The record for this publish is committed: now, and only now, ack it."""
+        """The record for this publish is committed: now, and only now, ack it.
+
+        The server acks a whole batch with ``_ingest.ack_committed``, which does
+        this in C and calls this method for a connection with held refusals.
+        """
         self.inflight -= 1
         if self.state == STATE_CLOSED:
             return

@@ -36,15 +36,24 @@ An absent message id or key (``None``) differs from a present empty one
 
 Example: ``encode_record(1, "a", b"hi", qos=1, client_id="c")`` is
 ``01 01 0000000000000001 0001 61 0001 63 6869``.
+
+The encoder is in C (pushcore/_ingest.pyx, the server's hot path) and is
+re-exported here with the two hashes that place a record:
+``partition_for(key, n)`` is murmur3 x86_32 (unsigned) of the ordering key mod
+N, and ``id_hash(scope, msg_id)`` the 16-byte murmur3 x64_128 of
+scope + NUL + message id, the dedup key.  This module is the format's written
+form and its decoder.
 """
 
 from dataclasses import dataclass
 from struct import Struct
 from struct import error as StructError
 
-import mmh3
-
+from pushcore._ingest import encode_record, id_hash, partition_for
 from pushcore.errors import StoreError
+
+__all__ = ["FORMAT_VERSION", "Record", "decode_record", "encode_record", "id_hash",
+           "partition_for", "record_time_ms"]
 
 FORMAT_VERSION = 1
 
@@ -54,9 +63,6 @@ _HAS_ID = 0x08
 _HAS_KEY = 0x10
 _HAS_PROPERTIES = 0x20
 _KNOWN_FLAGS = _QOS_MASK | _RETAIN | _HAS_ID | _HAS_KEY | _HAS_PROPERTIES
-
-_U16_MAX = 0xFFFF
-_U32_MAX = 0xFFFFFFFF
 
 # version, flags, time_ms, topic length: the fixed head every record starts with.
 _HEAD = Struct(">BBQH")
@@ -77,45 +83,6 @@ class Record:
     key: bytes | None = None
     client_id: str = ""
     properties: bytes = b""
-
-
-def encode_record(time_ms, topic, payload, qos=0, retain=False, msg_id=None, key=None,
-                  client_id="", properties=b""):
-    """Return the stored bytes of one record (the server's hot path)."""
-    if qos.__class__ is not int or not 0 <= qos <= 2:
-        raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
-    topic_bytes = topic.encode()
-    client_bytes = client_id.encode()
-    if len(topic_bytes) > _U16_MAX or len(client_bytes) > _U16_MAX:
-        raise ValueError("topic and client id are limited to 65535 bytes")
-    flags = qos
-    if retain:
-        flags |= _RETAIN
-    if msg_id is None and key is None and not properties:
-        return b"".join((_HEAD.pack(FORMAT_VERSION, flags, time_ms, len(topic_bytes)),
-                         topic_bytes, _U16.pack(len(client_bytes)), client_bytes, payload))
-    parts = [b"", topic_bytes, _U16.pack(len(client_bytes)), client_bytes]
-    if msg_id is not None:
-        if len(msg_id) > _U16_MAX:
-            raise ValueError("message id is limited to 65535 bytes")
-        flags |= _HAS_ID
-        parts.append(_U16.pack(len(msg_id)))
-        parts.append(msg_id)
-    if key is not None:
-        if len(key) > _U16_MAX:
-            raise ValueError("ordering key is limited to 65535 bytes")
-        flags |= _HAS_KEY
-        parts.append(_U16.pack(len(key)))
-        parts.append(key)
-    if properties:
-        if len(properties) > _U32_MAX:
-            raise ValueError("properties are limited to 4 GiB")
-        flags |= _HAS_PROPERTIES
-        parts.append(_U32.pack(len(properties)))
-        parts.append(properties)
-    parts.append(payload)
-    parts[0] = _HEAD.pack(FORMAT_VERSION, flags, time_ms, len(topic_bytes))
-    return b"".join(parts)
 
 
 def decode_record(data):
@@ -175,16 +142,3 @@ def record_time_ms(data):
         return _TIME.unpack_from(data, _TIME_OFFSET)[0]
     except StructError as exc:
         raise StoreError(f"truncated record ({len(data)} bytes)") from exc
-
-
-def partition_for(key, partitions):
-    """The partition of an ordering key: murmur3 x86_32, unsigned, mod N."""
-    return mmh3.hash(key, signed=False) % partitions
-
-
-def id_hash(scope, msg_id):
-    """The 16-byte dedup key of a message id within a scope (murmur3 x64_128).
-
-    The NUL separator keeps (b"ab", b"c") and (b"a", b"bc") apart.
-    """
-    return mmh3.hash_bytes(scope + b"\0" + msg_id)

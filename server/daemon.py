@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 
+from pushcore._ingest import ack_committed, count_duplicates
 from pushcore.errors import QuotaExceeded, StoreFull
 from pushcore.ingest import Batch, Ingest
 from pushcore.log import Log
@@ -261,16 +262,12 @@ class Server:
             self._finish_drain()
 
     def _ack(self, batch, results):
-        dups = 0
-        for _part, _off, dup in results:
-            dups += dup
+        dups = count_duplicates(results)
         self.metrics["messages_stored"] += len(results) - dups
         self.metrics["messages_duplicate"] += dups
-        dirty = set()
-        for proto, packet_id, qos, _index in batch.waiters:
-            proto.committed(packet_id, qos)
-            dirty.add(proto)
-        for proto in dirty:
+        # Each waiter's proto.committed(packet_id, qos), in order, in one C call: this
+        # runs only here, after the writer returned from the commit.
+        for proto in ack_committed(batch.waiters):
             proto.transport.acks_ready()
         if self.store_full_until:
             self.store_full_until = 0.0

@@ -1,0 +1,45 @@
+# Declarations of the C ingest path: the pending batch, the record builder, and
+# the per-connection fields the hot loops read and write without a Python call.
+
+from libc.stdint cimport uint32_t, uint64_t
+
+
+# The life of one MQTT connection (pushcore/mqtt.py re-exports these).
+cdef enum ConnStateCode:
+    CS_CONNECTING = 0
+    CS_CONNECTED = 1
+    CS_CLOSED = 2
+
+
+cdef uint32_t murmur3_32(const unsigned char* data, Py_ssize_t n) noexcept nogil
+
+
+cdef class Batch:
+    cdef public list items
+    cdef public list waiters
+    cdef public Py_ssize_t nbytes
+    cdef int _add(self, object partition, object idh, bytes record, object conn,
+                  object packet_id, object qos) except -1
+
+
+cdef class Ingest:
+    cdef public Py_ssize_t partitions
+    cdef public bint scope_global
+    cdef public Batch batch
+    cdef public uint64_t now_ms
+    cdef int _add(self, str topic, bytes payload, int qos, bint retain, bytes msg_id,
+                  bytes key, str client_id, bytes properties, object conn,
+                  int packet_id) except -1
+
+
+cdef class ConnState:
+    cdef public int state
+    cdef public int version
+    cdef public Py_ssize_t inflight
+    cdef public Py_ssize_t acks_written
+    cdef public str client_id
+    cdef public bytearray out
+    cdef public set qos2_received
+    cdef public object held_refusals
+    cdef public object settings
+    cdef public Ingest ingest

@@ -1,0 +1,491 @@
+"""The ingest hot path in C: PUBLISH -> record -> batch, and commit -> acks.
+
+The project rule is that Python is entered once per ``recv``, not once per
+message.  ``_frame.Parser`` splits every packet of a ``recv`` in one call;
+``ConnState.ingest_publishes`` then turns the run of ordinary PUBLISH packets
+that follows into records in one call, and ``ack_committed`` writes the acks of
+a whole committed batch in one call.
+
+What is here is the common case only.  ``pushcore/mqtt.py`` stays the
+description of the protocol: anything unusual (topic aliases, a Payload Format
+Indicator, other properties, JSON ids, errors, a Receive Maximum overrun) stops
+the C loop, and ``MQTTServerConnection.handle_publish`` handles that packet as
+it always did.  The record format is written down in ``pushcore/record.py``,
+which re-exports ``encode_record``, ``partition_for`` and ``id_hash`` from here
+so that there is one encoder.
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from pushcore._frame cimport Publish
+
+import mmh3
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
+
+
+STATE_CONNECTING = CS_CONNECTING
+STATE_CONNECTED = CS_CONNECTED
+STATE_CLOSED = CS_CLOSED
+
+# MQTT 3.1.1 §3.1.2.2: protocol level 4; MQTT 5.0 §3.1.2.2: protocol version 5.
+cdef enum:
+    MQTT311 = 4
+    MQTT5 = 5
+
+# MQTT 5.0 §2.1.2: PUBACK and PUBREC packet types.
+cdef enum:
+    PT_PUBACK = 4
+    PT_PUBREC = 5
+
+# MQTT 5.0 §3.3.2.3.7: User Property identifier.
+cdef enum:
+    PROP_USER_PROPERTY = 0x26
+
+# Record format version 1 (pushcore/record.py has the byte-by-byte layout).
+cdef enum:
+    FORMAT_VERSION = 1
+    FLAG_RETAIN = 0x04
+    FLAG_HAS_ID = 0x08
+    FLAG_HAS_KEY = 0x10
+    FLAG_HAS_PROPERTIES = 0x20
+    # version, flags, time_ms, topic length
+    HEAD_SIZE = 12
+
+cdef Py_ssize_t U16_MAX = 0xFFFF
+cdef Py_ssize_t U32_MAX = 0xFFFFFFFF
+
+cdef object _hash_bytes = mmh3.hash_bytes
+cdef bytes _NUL = b"\0"
+cdef bytes _EMPTY = b""
+
+
+# ---------------------------------------------------------------------------
+# Hashes that place a record
+
+cdef inline uint32_t _rotl32(uint32_t x, int r) noexcept nogil:
+    return (x << r) | (x >> (32 - r))
+
+
+cdef uint32_t murmur3_32(const unsigned char* data, Py_ssize_t n) noexcept nogil:
+    """MurmurHash3 x86_32 with seed 0 (Appleby's reference), as mmh3.hash(signed=False)."""
+    cdef uint32_t c1 = 0xCC9E2D51
+    cdef uint32_t c2 = 0x1B873593
+    cdef uint32_t c3 = 0xE6546B64
+    cdef uint32_t m1 = 0x85EBCA6B
+    cdef uint32_t m2 = 0xC2B2AE35
+    cdef uint32_t h = 0
+    cdef uint32_t k
+    cdef Py_ssize_t nblocks = n // 4
+    cdef Py_ssize_t i
+    cdef const unsigned char* b
+    for i in range(nblocks):
+        b = data + 4 * i
+        k = (<uint32_t>b[0] | (<uint32_t>b[1] << 8) | (<uint32_t>b[2] << 16)
+             | (<uint32_t>b[3] << 24))
+        k *= c1
+        k = _rotl32(k, 15)
+        k *= c2
+        h ^= k
+        h = _rotl32(h, 13)
+        h = h * 5 + c3
+    b = data + 4 * nblocks
+    k = 0
+    if n & 3 == 3:
+        k ^= <uint32_t>b[2] << 16
+    if n & 3 >= 2:
+        k ^= <uint32_t>b[1] << 8
+    if n & 3 >= 1:
+        k ^= b[0]
+        k *= c1
+        k = _rotl32(k, 15)
+        k *= c2
+        h ^= k
+    h ^= <uint32_t>n
+    h ^= h >> 16
+    h *= m1
+    h ^= h >> 13
+    h *= m2
+    h ^= h >> 16
+    return h
+
+
+def partition_for(key, partitions):
+    """The partition of an ordering key: murmur3 x86_32, unsigned, mod N."""
+    cdef const unsigned char[:] view
+    cdef const char* text
+    cdef Py_ssize_t n
+    if isinstance(key, str):
+        # As mmh3 does: a str key is hashed as its UTF-8.
+        text = PyUnicode_AsUTF8AndSize(key, &n)
+        return murmur3_32(<const unsigned char*>text, n) % partitions
+    view = key
+    if view.shape[0] == 0:
+        return murmur3_32(NULL, 0) % partitions
+    return murmur3_32(&view[0], view.shape[0]) % partitions
+
+
+cdef inline bytes _id_hash(bytes scope, bytes msg_id):
+    return _hash_bytes(scope + _NUL + msg_id)
+
+
+def id_hash(scope, msg_id):
+    """The 16-byte dedup key of a message id within a scope (murmur3 x64_128).
+
+    The NUL separator keeps (b"ab", b"c") and (b"a", b"bc") apart.
+    """
+    return _hash_bytes(scope + _NUL + msg_id)
+
+
+# ---------------------------------------------------------------------------
+# The record encoder (format: pushcore/record.py)
+
+cdef inline unsigned char* _put_u16(unsigned char* w, Py_ssize_t n) noexcept nogil:
+    w[0] = (n >> 8) & 0xFF
+    w[1] = n & 0xFF
+    return w + 2
+
+
+cdef inline unsigned char* _put_field16(unsigned char* w, const char* s, Py_ssize_t n) noexcept nogil:
+    w = _put_u16(w, n)
+    memcpy(w, s, n)
+    return w + n
+
+
+cdef bytes _encode_record(uint64_t time_ms, const char* topic, Py_ssize_t topic_len,
+                          const char* client, Py_ssize_t client_len, bytes payload, int qos,
+                          bint retain, bytes msg_id, bytes key, bytes properties):
+    cdef Py_ssize_t size, props_len, payload_len = PyBytes_GET_SIZE(payload)
+    cdef int flags = qos
+    cdef bytes out
+    cdef unsigned char* w
+    cdef int shift
+    if topic_len > U16_MAX or client_len > U16_MAX:
+        raise ValueError("topic and client id are limited to 65535 bytes")
+    if retain:
+        flags |= FLAG_RETAIN
+    size = HEAD_SIZE + topic_len + 2 + client_len + payload_len
+    if msg_id is not None:
+        if PyBytes_GET_SIZE(msg_id) > U16_MAX:
+            raise ValueError("message id is limited to 65535 bytes")
+        flags |= FLAG_HAS_ID
+        size += 2 + PyBytes_GET_SIZE(msg_id)
+    if key is not None:
+        if PyBytes_GET_SIZE(key) > U16_MAX:
+            raise ValueError("ordering key is limited to 65535 bytes")
+        flags |= FLAG_HAS_KEY
+        size += 2 + PyBytes_GET_SIZE(key)
+    # Properties are present exactly when non-empty.
+    props_len = PyBytes_GET_SIZE(properties) if properties is not None else 0
+    if props_len:
+        if props_len > U32_MAX:
+            raise ValueError("properties are limited to 4 GiB")
+        flags |= FLAG_HAS_PROPERTIES
+        size += 4 + props_len
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    w[0] = FORMAT_VERSION
+    w[1] = flags
+    for shift in range(8):
+        w[2 + shift] = (time_ms >> (56 - 8 * shift)) & 0xFF
+    w = _put_field16(w + 10, topic, topic_len)
+    w = _put_field16(w, client, client_len)
+    if msg_id is not None:
+        w = _put_field16(w, PyBytes_AS_STRING(msg_id), PyBytes_GET_SIZE(msg_id))
+    if key is not None:
+        w = _put_field16(w, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+    if props_len:
+        w[0] = (props_len >> 24) & 0xFF
+        w[1] = (props_len >> 16) & 0xFF
+        w[2] = (props_len >> 8) & 0xFF
+        w[3] = props_len & 0xFF
+        memcpy(w + 4, PyBytes_AS_STRING(properties), props_len)
+        w += 4 + props_len
+    memcpy(w, PyBytes_AS_STRING(payload), payload_len)
+    return out
+
+
+cdef inline bytes _as_bytes(object value):
+    return value if type(value) is bytes else bytes(memoryview(value))
+
+
+def encode_record(time_ms, topic, payload, qos=0, retain=False, msg_id=None, key=None,
+                  client_id="", properties=b""):
+    """Return the stored bytes of one record (format: pushcore/record.py)."""
+    cdef const char* t
+    cdef const char* c
+    cdef Py_ssize_t tn, cn
+    if type(qos) is not int or not 0 <= qos <= 2:
+        raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
+    t = PyUnicode_AsUTF8AndSize(topic, &tn)
+    c = PyUnicode_AsUTF8AndSize(client_id, &cn)
+    return _encode_record(time_ms, t, tn, c, cn, _as_bytes(payload), qos, retain,
+                          None if msg_id is None else _as_bytes(msg_id),
+                          None if key is None else _as_bytes(key),
+                          _as_bytes(properties) if properties else _EMPTY)
+
+
+cdef bytes _user_properties(list pairs):
+    """The wire property section (no length prefix) holding only these User Properties.
+
+    Byte-for-byte what ``_frame.encode_properties({"user_property": pairs})``
+    gives (MQTT 5.0 §3.3.2.3.7: identifier 0x26, then two UTF-8 strings).
+    """
+    cdef Py_ssize_t size = 0, n, m
+    cdef const char* s
+    cdef const char* v
+    cdef bytes out
+    cdef unsigned char* w
+    for name, value in pairs:
+        PyUnicode_AsUTF8AndSize(name, &n)
+        PyUnicode_AsUTF8AndSize(value, &m)
+        size += 5 + n + m
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    for name, value in pairs:
+        s = PyUnicode_AsUTF8AndSize(name, &n)
+        v = PyUnicode_AsUTF8AndSize(value, &m)
+        w[0] = PROP_USER_PROPERTY
+        w = _put_field16(w + 1, s, n)
+        w = _put_field16(w, v, m)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The pending batch
+
+cdef class Batch:
+    """Records waiting for one group commit, and who waits for each.
+
+    ``items`` is exactly what ``Log.append_batch`` takes: (partition, id hash
+    or None, record bytes).  ``waiters`` is (connection, packet id, qos,
+    index into ``items``) in the order the publishes arrived, so acks leave in
+    that order (MQTT 5.0 §4.6).  QoS 0 records wait for nobody.  An index of
+    -1 is an ack owed for a message an earlier batch stored (a QoS 2 PUBLISH
+    re-sent before PUBREL): batches commit in order, so it goes out with this
+    one.
+    """
+
+    def __cinit__(self):
+        self.items = []
+        self.waiters = []
+        self.nbytes = 0
+
+    def __len__(self):
+        return len(self.items) + len(self.waiters)
+
+    cdef int _add(self, object partition, object idh, bytes record, object conn,
+                  object packet_id, object qos) except -1:
+        cdef list items = self.items
+        if conn is not None:
+            self.waiters.append((conn, packet_id, qos, len(items)))
+        items.append((partition, idh, record))
+        self.nbytes += PyBytes_GET_SIZE(record)
+        return 0
+
+    def add(self, partition, idh, bytes record not None, conn, packet_id, qos):
+        self._add(partition, idh, record, conn, packet_id, qos)
+
+    def add_ack_only(self, conn, packet_id, qos):
+        self.waiters.append((conn, packet_id, qos, -1))
+
+    def extend(self, Batch other not None):
+        """Append another batch's records and waiters after this one's."""
+        cdef Py_ssize_t base = len(self.items)
+        cdef Py_ssize_t index
+        self.items.extend(other.items)
+        for conn, packet_id, qos, index in other.waiters:
+            self.waiters.append((conn, packet_id, qos, index + base if index >= 0 else -1))
+        self.nbytes += other.nbytes
+
+
+cdef class Ingest:
+    """Builds records for a batch from what a publisher sent.
+
+    Holds the store-wide choices every protocol shares: partition count, the
+    dedup scope and the current time (set by the server once per loop
+    iteration, so the hot path never reads the clock).
+    """
+
+    def __init__(self, Py_ssize_t partitions, bint scope_global=True):
+        self.partitions = partitions
+        self.scope_global = scope_global
+        self.batch = Batch()
+        self.now_ms = 0
+
+    cdef int _add(self, str topic, bytes payload, int qos, bint retain, bytes msg_id,
+                  bytes key, str client_id, bytes properties, object conn,
+                  int packet_id) except -1:
+        cdef const char* t
+        cdef const char* c
+        cdef Py_ssize_t tn, cn
+        cdef object part = 0
+        cdef object idh = None
+        t = PyUnicode_AsUTF8AndSize(topic, &tn)
+        c = PyUnicode_AsUTF8AndSize(client_id, &cn)
+        record = _encode_record(self.now_ms, t, tn, c, cn, payload, qos, retain, msg_id, key,
+                                properties)
+        if self.partitions > 1:
+            # The ordering key defaults to the client id: each publisher's order is kept.
+            if key is not None:
+                part = murmur3_32(<const unsigned char*>PyBytes_AS_STRING(key),
+                                  PyBytes_GET_SIZE(key)) % <uint32_t>self.partitions
+            else:
+                part = murmur3_32(<const unsigned char*>c, cn) % <uint32_t>self.partitions
+        if msg_id is not None:
+            idh = _id_hash(_EMPTY if self.scope_global else PyBytes_FromStringAndSize(c, cn),
+                           msg_id)
+        self.batch._add(part, idh, record, conn, packet_id, qos)
+        return 0
+
+    def add(self, str topic not None, bytes payload not None, int qos, retain, bytes msg_id,
+            bytes key, str client_id not None, bytes properties, conn, int packet_id):
+        """Append one message; ``msg_id``/``key`` are bytes or None."""
+        if not 0 <= qos <= 2:
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
+        self._add(topic, payload, qos, bool(retain), msg_id, key, client_id, properties, conn,
+                  packet_id)
+
+    def add_ack_only(self, conn, packet_id, qos):
+        self.batch.add_ack_only(conn, packet_id, qos)
+
+    def take(self):
+        """Hand the filled batch to the writer and start a new one."""
+        cdef Batch batch = self.batch
+        self.batch = Batch()
+        return batch
+
+
+# ---------------------------------------------------------------------------
+# The connection's hot fields and loops
+
+cdef class ConnState:
+    """What the C loops read and write of one MQTT server connection.
+
+    ``MQTTServerConnection`` (pushcore/mqtt.py) inherits it; the fields are
+    ordinary attributes there.  ``ingest_publishes`` is the common case of
+    ``handle_publish`` for a run of packets; ``ack_committed`` is ``committed``
+    for a whole batch.  Both must stay exactly in step with those methods
+    (tests/test_ingest_fast.py compares them byte for byte).
+    """
+
+    def ingest_publishes(self, list packets, Py_ssize_t i):
+        """Handle the ordinary PUBLISH packets from packets[i]; return the index reached.
+
+        Stops at the first packet that is not one (or when the connection is
+        not CONNECTED); the caller dispatches that one through the
+        ``handle_<verb>`` table.  Ordinary: QoS within Maximum QoS, and no
+        properties but User Properties (which pick the message id and the
+        ordering key), and no JSON id to look for in a 3.1.1 payload.
+        """
+        cdef Py_ssize_t n = len(packets)
+        cdef object settings = self.settings
+        cdef int max_qos = settings.max_qos
+        cdef Py_ssize_t receive_maximum = settings.receive_maximum
+        cdef object id_name = settings.id_property
+        cdef object key_name = settings.key_property
+        cdef bint json_ids = settings.json_field is not None
+        cdef Ingest ingest = self.ingest
+        cdef Publish p
+        cdef dict props
+        cdef list user
+        cdef bytes msg_id, key, raw_props
+        cdef int qos, packet_id
+        while i < n and self.state == CS_CONNECTED:
+            packet = packets[i]
+            if type(packet) is not Publish:
+                break
+            p = <Publish>packet
+            qos = p.qos
+            if qos > max_qos:
+                break
+            props = p.properties
+            msg_id = key = None
+            raw_props = _EMPTY
+            if props is not None:
+                if len(props) != 1:
+                    break
+                user = props.get("user_property")
+                if user is None:
+                    break
+                for name, value in user:
+                    if name == id_name:
+                        msg_id = (<str>value).encode()
+                    elif name == key_name:
+                        key = (<str>value).encode()
+                raw_props = _user_properties(user)
+            elif json_ids and self.version == MQTT311:
+                break
+            if qos == 0:
+                ingest._add(p.topic, p.payload, 0, p.retain, msg_id, key, self.client_id,
+                            raw_props, None, 0)
+                i += 1
+                continue
+            packet_id = p.packet_id
+            if qos == 2 and packet_id in self.qos2_received:
+                # MQTT 5.0 §4.3.3: a re-sent QoS 2 PUBLISH before PUBREL is stored once.
+                self.inflight += 1
+                ingest.batch.waiters.append((self, packet_id, 2, -1))
+                i += 1
+                continue
+            if self.version == MQTT5 and self.inflight >= receive_maximum:
+                # handle_publish disconnects with 0x93 Receive Maximum exceeded.
+                break
+            self.inflight += 1
+            if qos == 2:
+                self.qos2_received.add(packet_id)
+            ingest._add(p.topic, p.payload, qos, p.retain, msg_id, key, self.client_id,
+                        raw_props, self, packet_id)
+            i += 1
+        return i
+
+
+def ack_committed(list waiters):
+    """Ack every waiter of a committed batch, in order; return the connections acked.
+
+    For each one this is exactly ``proto.committed(packet_id, qos)``: one
+    fewer in flight and, unless the connection is closed, the 4-byte
+    PUBACK/PUBREC (MQTT 5.0 §3.4.2.1: Success with no properties omits the
+    reason code, in both versions).  A connection holding refusals for after
+    some of these acks goes through ``committed`` itself, which releases them.
+    Called only after the commit returned: no ack before commit.
+    """
+    cdef set acked = set()
+    cdef ConnState conn
+    cdef Py_ssize_t size
+    cdef int packet_id, qos
+    cdef unsigned char* w
+    for proto, packet_id_obj, qos_obj, _index in waiters:
+        if isinstance(proto, ConnState):
+            conn = <ConnState>proto
+            if not conn.held_refusals:
+                conn.inflight -= 1
+                if conn.state != CS_CLOSED:
+                    packet_id = packet_id_obj
+                    qos = qos_obj
+                    size = PyByteArray_GET_SIZE(conn.out)
+                    PyByteArray_Resize(conn.out, size + 4)
+                    w = <unsigned char*>PyByteArray_AS_STRING(conn.out) + size
+                    w[0] = (PT_PUBACK if qos == 1 else PT_PUBREC) << 4
+                    w[1] = 2
+                    w[2] = packet_id >> 8
+                    w[3] = packet_id & 0xFF
+                    conn.acks_written += 1
+                acked.add(proto)
+                continue
+        proto.committed(packet_id_obj, qos_obj)
+        acked.add(proto)
+    return acked
+
+
+def count_duplicates(list results):
+    """How many of ``Log.append_batch``'s (partition, offset, duplicate) results are duplicates."""
+    cdef Py_ssize_t dups = 0
+    for result in results:
+        if (<tuple>result)[2]:
+            dups += 1
+    return dups
