@@ -459,7 +459,13 @@ def ack_committed(list waiters):
     cdef Py_ssize_t size
     cdef int packet_id, qos
     cdef unsigned char* w
-    for proto, packet_id_obj, qos_obj, _index in waiters:
+    for proto, packet_id_obj, qos_obj, index in waiters:
+        if index == -1:
+            # A QoS 2 PUBLISH re-sent before PUBREL: rare, and its answer depends
+            # on how the original's flow ended.
+            proto.resend_committed(packet_id_obj)
+            acked.add(proto)
+            continue
         if isinstance(proto, ConnState):
             conn = <ConnState>proto
             if not conn.held_refusals:

@@ -54,6 +54,7 @@ from .errors import (
     MQTTError,
     PayloadFormatInvalid,
     ProtocolError,
+    QuotaExceeded,
     ReceiveMaximumExceeded,
     SessionTakenOver,
     TopicAliasInvalid,
@@ -407,6 +408,19 @@ class MQTTServerConnection(ConnState):
         self.acks_written += 1
         if self.held_refusals:
             self._release_refusals()
+
+    def resend_committed(self, packet_id):
+        """The batch holding a QoS 2 PUBLISH re-sent before PUBREL is committed.
+
+        Batches commit in order, so the original's batch is done too: if it was
+        stored, the packet id is still between PUBREC and PUBREL and this copy
+        gets its PUBREC; if it was refused (store full), that flow ended with
+        0x97 and so does this copy, rather than a success for nothing stored.
+        """
+        if packet_id in self.qos2_received:
+            self.committed(packet_id, 2)
+        else:
+            self.refused(packet_id, 2, QuotaExceeded("store full"))
 
     def refused(self, packet_id, qos, error):
         """The log refused the batch (StoreFull).  Only v5 can say so in the ack."""

@@ -28,16 +28,18 @@ from pushcore._ingest import ack_committed, count_duplicates
 from pushcore.errors import QuotaExceeded, StoreFull
 from pushcore.ingest import Batch, Ingest
 from pushcore.log import Log
-from pushcore.mqtt import MQTT5, MQTTSettings
+from pushcore.mqtt import MQTT5, STATE_CLOSED, MQTTSettings
 
 from . import systemd
-from .connection import PAUSE_GLOBAL, PAUSE_STORE, Connection, set_nodelay
+from .connection import PAUSE_DRAIN, PAUSE_GLOBAL, PAUSE_STORE, Connection, set_nodelay
 from .loop import EventLoop
 
 log = logging.getLogger("pushcore.server")
 
 # How long a batch refused for a full store waits before it is tried again.
 STORE_FULL_RETRY_S = 1.0
+# How long the listener is not watched after accept() failed (out of descriptors).
+ACCEPT_BACKOFF_S = 0.1
 
 
 class BufferPool:
@@ -171,10 +173,15 @@ class Server:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue
             except OSError as err:
-                # EMFILE and friends: count, log, try again on the next event.
+                # EMFILE and friends: the listener stays readable (level-triggered),
+                # so stop watching it for a moment instead of spinning on accept.
                 self.metrics["accept_errors"] += 1
-                log.warning("accept failed: %s", err)
+                log.warning("accept failed: %s; not accepting for %.1f s", err, ACCEPT_BACKOFF_S)
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(ACCEPT_BACKOFF_S, self._accept_again)
                 return
             if len(self.conns) >= self.max_connections:
                 self.metrics["connections_refused_limit"] += 1
@@ -185,6 +192,10 @@ class Server:
             conn = Connection(self, sock, peer)
             self.conns[conn.fd] = conn
             conn.start()
+
+    def _accept_again(self):
+        if not self.draining:
+            self.loop.add_reader(self.listener.fileno(), self.on_accept)
 
     # -- protocol callbacks ------------------------------------------------------
 
@@ -232,7 +243,17 @@ class Server:
 
     def _submit(self):
         if self.store_held is not None:
-            batch, self.store_held = self.store_held, None
+            held, self.store_held = self.store_held, None
+            batch = Batch()
+            for proto, packet_id, qos, index in held.waiters:
+                # A held message is unacked: once its publisher is gone, it is the
+                # publisher's to resend, not ours to store.
+                if proto.state == STATE_CLOSED:
+                    self.metrics["held_dropped_publisher_gone"] += 1
+                elif index < 0:
+                    batch.add_ack_only(proto, packet_id, qos)
+                else:
+                    batch.add(*held.items[index], proto, packet_id, qos)
             batch.extend(self.ingest.take())
         else:
             batch = self.ingest.take()
@@ -269,7 +290,7 @@ class Server:
         # runs only here, after the writer returned from the commit.
         for proto in ack_committed(batch.waiters):
             proto.transport.acks_ready()
-        if self.store_full_until:
+        if self.store_full_until and batch.items:
             self.store_full_until = 0.0
             log.warning("store has room again: accepting publishes")
             for conn in list(self.conns.values()):
@@ -305,7 +326,7 @@ class Server:
                 proto.refused(packet_id, qos, quota)
                 dirty.add(proto)
             elif index >= 0:
-                m["messages_held_store_full"] += 1
+                m["store_full_holds"] += 1
                 held.add(*items[index], proto, packet_id, qos)
                 proto.transport.pause(PAUSE_STORE)
             else:
@@ -324,8 +345,14 @@ class Server:
     def _expired(self, _batch, result, error):
         if error is not None:
             log.error("retention/expiry failed: %s", error)
-        elif result and any(result.values()):
+            return
+        if result["records_trimmed"] or result["ids_expired"]:
             log.info("expiry: %s", result)
+        if result["more"] and not self.draining:
+            # Each expire job is bounded so the writer never stalls ingest for long;
+            # when it stopped at its bound, the next one is queued behind the batches
+            # already waiting rather than a whole check_interval later.
+            self.writer.expire(int(time.time() * 1000), self._expired)
 
     def _expire_tick(self):
         self.writer.expire(int(time.time() * 1000), self._expired)
@@ -381,7 +408,7 @@ class Server:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
         for conn in list(self.conns.values()):
-            conn.pause(PAUSE_GLOBAL)
+            conn.pause(PAUSE_DRAIN)
         if self.committing is None and not len(self.ingest.batch):
             self._finish_drain()
         elif self.committing is None:

@@ -24,7 +24,7 @@ def pushcore_cmd(*args):
 class Daemon:
     """The real pushcore daemon on a free loopback port, as a subprocess."""
 
-    def __init__(self, tmp_path, config="", durability="fsync", port=None):
+    def __init__(self, tmp_path, config="", durability="fsync", port=None, wrapper=()):
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.data_dir = str(tmp_path / "data")
@@ -32,12 +32,14 @@ class Daemon:
         self.config_path.write_text(config)
         self.durability = durability
         self.log_path = tmp_path / "daemon.log"
+        # A command the daemon runs under, e.g. ("prlimit", "--nofile=40:40").
+        self.wrapper = list(wrapper)
         self.proc = None
 
     def start(self, timeout=15.0):
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            pushcore_cmd("serve", "-c", str(self.config_path), "--data", self.data_dir,
+            self.wrapper + pushcore_cmd("serve", "-c", str(self.config_path), "--data", self.data_dir,
                          "--mqtt", f"{self.host}:{self.port}", "--durability", self.durability),
             cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
         logf.close()

@@ -399,7 +399,7 @@ def test_store_full_v311_is_held_unacked_then_stored_when_space_returns(tmp_path
     finally:
         d.stop()
     assert len([r for r in d.dump() if r["topic"] == "held"]) == 1
-    assert '"messages_held_store_full": ' in d.log()
+    assert '"store_full_holds": ' in d.log()
     assert "store has room again" in d.log()
 
 

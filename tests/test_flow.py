@@ -228,3 +228,88 @@ def test_slowloris_partial_packets_do_not_pin_receive_buffers(tmp_path):
         for s in socks:
             s.close()
         d.stop()
+
+
+def test_qos2_resend_of_a_refused_original_is_refused_too(tmp_path):
+    # In-process: batch A (the original QoS 2 PUBLISH) is refused for a full
+    # store while batch B holds only the re-sent copy (an ack owed, no record).
+    # The copy must not get PUBREC 0x00 for a message that was never stored.
+    from pushcore.config import load_config
+    from pushcore.errors import StoreFull
+    from pushcore.mqtt import MQTTServerConnection
+    from server.daemon import Server
+
+    class Transport:
+        def acks_ready(self):
+            pass
+
+        def pause(self, flag):
+            pass
+
+        def close(self, reason):
+            pass
+
+    srv = Server(load_config(None, {"storage.data_dir": str(tmp_path / "data"),
+                                    "storage.durability": "os"}))
+    try:
+        proto = MQTTServerConnection(srv.mqtt_settings, srv.ingest, srv)
+        proto.transport = Transport()
+
+        def feed(packet):
+            data = bytearray(_frame.encode(packet, 5))
+            proto.receive(data, 0, len(data))
+
+        feed(_frame.Connect(client_id="c", protocol_level=5, keepalive=0))
+        proto.out.clear()
+        pub = _frame.Publish("t", b"payload", qos=2, packet_id=7)
+        feed(pub)
+        batch_a = srv.ingest.take()
+        pub.dup = True
+        feed(pub)
+        batch_b = srv.ingest.take()
+        assert not batch_b.items and len(batch_b.waiters) == 1
+        srv._committed(batch_a, None, StoreFull("full"))
+        srv._committed(batch_b, srv.store.append_batch(batch_b.items, 0), None)
+        packets, _, _ = _frame.Parser(version=5).parse(proto.out, 0, len(proto.out))
+        assert [(p.type, p.packet_id, p.reason_code) for p in packets] == \
+            [(_frame.PUBREC, 7, 0x97), (_frame.PUBREC, 7, 0x97)]
+        assert srv.store.stats()["records"] == 0
+        # And the store is still taken as full: nothing was stored.
+        assert srv.store_full_until > 0
+    finally:
+        srv.writer.stop()
+        srv.store.close()
+
+
+def test_out_of_descriptors_backs_off_instead_of_spinning(tmp_path):
+    d = Daemon(tmp_path, durability="os", wrapper=("prlimit", "--nofile=40:40")).start()
+    socks = []
+
+    def cpu_ticks():
+        return sum(int(x) for x in open(f"/proc/{d.proc.pid}/stat").read().split()[13:15])
+
+    try:
+        time.sleep(0.3)
+        before = cpu_ticks()
+        for _ in range(80):
+            socks.append(socket.create_connection((d.host, d.port), timeout=5))
+        time.sleep(1.5)
+        cpu = cpu_ticks() - before
+        failures = d.log().count("accept failed")
+        # Level-triggered epoll on a listener it cannot accept from would spin a
+        # core and log thousands of lines a second; the back-off keeps both low.
+        assert 1 <= failures < 100, failures
+        assert cpu < 75, f"{cpu} clock ticks of CPU in 1.5 s"
+        for s in socks:
+            s.close()
+        socks = []
+        time.sleep(0.3)
+        # Descriptors are back: the daemon accepts and serves again.
+        s, parser = connect(d, 5, "after-emfile")
+        s.sendall(publishes(3, "emfile/ok", 5))
+        assert len(read_acks(s, parser, 3)) == 3
+        s.close()
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()
