@@ -76,3 +76,18 @@ class ConnState:
 
 def ack_committed(waiters: list[Waiter]) -> set[Any]: ...
 def count_duplicates(results: list[tuple[int, int, bool]]) -> int: ...
+
+# Log.append_batch's per-item work (pushcore/log.py does the LMDB calls).
+Result = tuple[int, int, bool]
+
+def batch_partitions(items: list[Item], partitions: int) -> tuple[list[int], int]: ...
+def id_entries(
+    items: list[Item], partitions: int, touched: list[int], first_offsets: list[int], now_ms: int
+) -> list[tuple[int, int, int, bytes, bytes]]: ...
+def batch_rows(
+    items: list[Item],
+    partitions: int,
+    touched: list[int],
+    first_offsets: list[int],
+    duplicates: dict[int, Result],
+) -> tuple[list[Result], list[list[tuple[bytes, bytes]]], list[int]]: ...

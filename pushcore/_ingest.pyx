@@ -17,6 +17,7 @@ so that there is one encoder.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -495,3 +496,144 @@ def count_duplicates(list results):
         if (<tuple>result)[2]:
             dups += 1
     return dups
+
+
+# ---------------------------------------------------------------------------
+# The writer's side of a batch: Log.append_batch's per-item work.  Only
+# pushcore/log.py touches LMDB; these build the lists it hands to LMDB.
+
+cdef inline tuple _item(object item):
+    if type(item) is tuple and PyTuple_GET_SIZE(item) == 3:
+        return <tuple>item
+    item = tuple(item)
+    if PyTuple_GET_SIZE(item) != 3:
+        raise ValueError(f"a batch item is (partition, id hash or None, record), not {item!r}")
+    return <tuple>item
+
+
+cdef inline bytes _u64_be(uint64_t value):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8)
+    cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef int shift
+    for shift in range(8):
+        w[shift] = (value >> (56 - 8 * shift)) & 0xFF
+    return out
+
+
+def batch_partitions(list items, Py_ssize_t partitions):
+    """Return (the partitions ``items`` append to in order of first appearance,
+    how many items have an id hash).
+
+    Raises ValueError for a partition outside 0..partitions-1.
+    """
+    cdef list touched = []
+    cdef Py_ssize_t p, with_ids = 0
+    cdef tuple t
+    cdef bytearray seen = bytearray(partitions)
+    cdef unsigned char* mark = <unsigned char*>PyByteArray_AS_STRING(seen)
+    for item in items:
+        t = _item(item)
+        if t[1] is not None:
+            with_ids += 1
+        part = t[0]
+        try:
+            p = part
+        except OverflowError:
+            p = -1
+        if not 0 <= p < partitions:
+            raise ValueError(f"partition {part} out of range 0..{partitions - 1}")
+        if not mark[p]:
+            mark[p] = 1
+            touched.append(p)
+    return touched, with_ids
+
+
+cdef Py_ssize_t* _slots(list touched, Py_ssize_t partitions, bytearray store) except NULL:
+    """Map partition -> index in ``touched`` (in ``store``'s memory)."""
+    cdef Py_ssize_t* slot = <Py_ssize_t*>PyByteArray_AS_STRING(store)
+    cdef Py_ssize_t i
+    for i in range(len(touched)):
+        slot[<Py_ssize_t>touched[i]] = i
+    return slot
+
+
+def id_entries(list items, Py_ssize_t partitions, list touched, list first_offsets,
+               uint64_t now_ms):
+    """(index, partition, offset, id hash, ``ids`` value) of each item that has an id.
+
+    ``first_offsets[k]`` is the next offset of partition ``touched[k]``; the
+    offsets (and the u16 partition + u64 offset + u64 time_ms values) are
+    the ones the items get when none of them is a duplicate.
+    """
+    cdef Py_ssize_t n = len(touched)
+    cdef bytearray slot_store = bytearray(partitions * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* slot = _slots(touched, partitions, slot_store)
+    cdef bytearray count_store = bytearray(n * sizeof(uint64_t))
+    cdef uint64_t* count = <uint64_t*>PyByteArray_AS_STRING(count_store)
+    cdef list out = []
+    cdef Py_ssize_t index = 0, k, p
+    cdef uint64_t offset
+    cdef tuple t
+    cdef bytes entry
+    cdef unsigned char* w
+    cdef int shift
+    for item in items:
+        t = _item(item)
+        p = t[0]
+        k = slot[p]
+        offset = <uint64_t>first_offsets[k] + count[k]
+        count[k] += 1
+        ihash = t[1]
+        if ihash is not None:
+            entry = PyBytes_FromStringAndSize(NULL, 18)
+            w = <unsigned char*>PyBytes_AS_STRING(entry)
+            w[0] = (p >> 8) & 0xFF
+            w[1] = p & 0xFF
+            for shift in range(8):
+                w[2 + shift] = (offset >> (56 - 8 * shift)) & 0xFF
+                w[10 + shift] = (now_ms >> (56 - 8 * shift)) & 0xFF
+            out.append((index, t[0], offset, ihash, entry))
+        index += 1
+    return out
+
+
+def batch_rows(list items, Py_ssize_t partitions, list touched, list first_offsets,
+               dict duplicates):
+    """Return (results, rows, sizes) of an append, all but results aligned with ``touched``.
+
+    ``duplicates`` maps an item's index to its (partition, offset, True)
+    result; it writes nothing and takes no offset.  Every other item gets the
+    next offset of its partition (from ``first_offsets[k]`` for
+    ``touched[k]``) and a (u64 big-endian offset, record) row; ``sizes[k]``
+    is the record bytes of ``rows[k]``.  ``results`` is one
+    (partition, offset, duplicate) per item, in order.
+    """
+    cdef Py_ssize_t n = len(touched)
+    cdef bytearray slot_store = bytearray(partitions * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* slot = _slots(touched, partitions, slot_store)
+    cdef bytearray next_store = bytearray(n * sizeof(uint64_t))
+    cdef uint64_t* next_offset = <uint64_t*>PyByteArray_AS_STRING(next_store)
+    cdef bytearray size_store = bytearray(n * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* size = <Py_ssize_t*>PyByteArray_AS_STRING(size_store)
+    cdef list results = []
+    cdef list rows = [[] for _ in range(n)]
+    cdef Py_ssize_t index = 0, k
+    cdef bint any_duplicates = bool(duplicates)
+    cdef tuple t
+    for k in range(n):
+        next_offset[k] = first_offsets[k]
+    for item in items:
+        t = _item(item)
+        if any_duplicates and index in duplicates:
+            results.append(duplicates[index])
+            index += 1
+            continue
+        index += 1
+        part = t[0]
+        k = slot[<Py_ssize_t>part]
+        record = t[2]
+        (<list>rows[k]).append((_u64_be(next_offset[k]), record))
+        size[k] += PyBytes_GET_SIZE(record) if type(record) is bytes else len(record)
+        results.append((part, next_offset[k], False))
+        next_offset[k] += 1
+    return results, rows, [size[k] for k in range(n)]

@@ -39,6 +39,7 @@ from struct import Struct
 
 import lmdb
 
+from pushcore._ingest import batch_partitions, batch_rows, id_entries
 from pushcore.errors import PartitionMismatch, StoreError, StoreFull
 from pushcore.record import record_time_ms
 
@@ -229,53 +230,53 @@ class Log:
     def _append_once(self, items, now_ms):
         if not items:
             return []
+        if type(items) is not list:
+            items = list(items)
+        # The per-item work is in C (pushcore/_ingest.pyx); what is left here
+        # is per partition, plus one LMDB call per item that has an id.
+        touched, with_ids = batch_partitions(items, self.partitions)
         horizon = now_ms - self.dedup_window_ms
         txn = self._begin_write()
         try:
-            get = txn.get
-            put = txn.put
-            ids_db = self._ids
-            pack_entry = _ID_ENTRY.pack
-            pack_offset = _U64.pack
-            results = []
-            append = results.append
-            rows_by_partition = {}
-            first_offsets = {}
+            first_offsets = [self._next_offset(txn, partition) for partition in touched]
+            duplicates = {}
+            # partition -> duplicates so far: a duplicate takes no offset, so the
+            # later items of its partition move down.
+            behind = {}
             new_hashes = []
             stale_time_keys = []
-            for partition, ihash, record in items:
-                rows = rows_by_partition.get(partition)
-                if rows is None:
-                    self._check_partition(partition)
-                    rows = rows_by_partition[partition] = []
-                    first_offsets[partition] = self._next_offset(txn, partition)
-                offset = first_offsets[partition] + len(rows)
-                if ihash is not None:
-                    entry = pack_entry(partition, offset, now_ms)
-                    # Insert-if-absent is the dedup lookup: one B-tree descent, and
-                    # an earlier item of this batch is found like an earlier commit.
-                    if not put(ihash, entry, overwrite=False, db=ids_db):
-                        stored = get(ihash, db=ids_db)
-                        stored_partition, stored_offset, stored_ms = _ID_ENTRY.unpack(stored)
-                        if stored_ms >= horizon:
-                            append((stored_partition, stored_offset, True))
-                            continue
-                        # Outside the window: store again; its old expiry entry goes.
-                        stale_time_keys.append(stored[_ID_TIME] + ihash)
-                        put(ihash, entry, db=ids_db)
-                    new_hashes.append(ihash)
-                rows.append((pack_offset(offset), record))
-                append((partition, offset, False))
-
-            for partition, rows in rows_by_partition.items():
+            id_items = id_entries(items, self.partitions, touched, first_offsets,
+                                  now_ms) if with_ids else ()
+            put = txn.put
+            ids_db = self._ids
+            for index, partition, offset, ihash, entry in id_items:
+                if behind and partition in behind:
+                    entry = _ID_ENTRY.pack(partition, offset - behind[partition], now_ms)
+                # Insert-if-absent is the dedup lookup: one B-tree descent, and
+                # an earlier item of this batch is found like an earlier commit.
+                # Positional (key, value, dupdata, overwrite=False, append, db): py-lmdb
+                # parses keywords noticeably slower, and this runs once per id.
+                if not put(ihash, entry, True, False, False, ids_db):
+                    stored = txn.get(ihash, db=ids_db)
+                    stored_partition, stored_offset, stored_ms = _ID_ENTRY.unpack(stored)
+                    if stored_ms >= horizon:
+                        duplicates[index] = (stored_partition, stored_offset, True)
+                        behind[partition] = behind.get(partition, 0) + 1
+                        continue
+                    # Outside the window: store again; its old expiry entry goes.
+                    stale_time_keys.append(stored[_ID_TIME] + ihash)
+                    put(ihash, entry, db=ids_db)
+                new_hashes.append(ihash)
+            results, rows_by_slot, sizes = batch_rows(items, self.partitions, touched,
+                                                      first_offsets, duplicates)
+            for partition, rows, size in zip(touched, rows_by_slot, sizes):
                 if not rows:
                     continue
                 consumed, added = txn.cursor(self._logs[partition]).putmulti(rows, append=True)
                 if added != consumed:
                     raise StoreError(f"log.p{partition:03d}: append out of key order")
                 kept_bytes, trim_mark = self._part_meta(txn, partition)
-                kept_bytes += sum([len(record) for _, record in rows])
-                txn.put(self._part_keys[partition], _PART_META.pack(kept_bytes, trim_mark),
+                txn.put(self._part_keys[partition], _PART_META.pack(kept_bytes + size, trim_mark),
                         db=self._meta)
             if new_hashes:
                 self._index_times(txn, now_ms, new_hashes, stale_time_keys)
@@ -290,8 +291,8 @@ class Log:
         except BaseException:
             txn.abort()
             raise
-        for partition, rows in rows_by_partition.items():
-            self.next_offsets[partition] = first_offsets[partition] + len(rows)
+        for partition, first, rows in zip(touched, first_offsets, rows_by_slot):
+            self.next_offsets[partition] = first + len(rows)
         return results
 
     def _index_times(self, txn, now_ms, new_hashes, stale_time_keys):

@@ -9,12 +9,14 @@ stream handled packet by packet through ``handle_<verb>`` and ``committed``.
 import struct
 
 import mmh3
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pushcore import _frame
 from pushcore._frame import Connect, Pingreq, Publish, encode
-from pushcore._ingest import ack_committed, count_duplicates
+from pushcore._ingest import (ack_committed, batch_partitions, batch_rows, count_duplicates,
+                              id_entries)
 from pushcore.ingest import Batch, Ingest
 from pushcore.mqtt import MQTT5, MQTT311, MQTTServerConnection, MQTTSettings
 from pushcore.record import decode_record, encode_record, id_hash, partition_for
@@ -263,3 +265,68 @@ def test_ack_committed_keeps_order_and_skips_closed():
     assert bytes(a.out) == bytes.fromhex("4002012c" "50020002")
     assert a.inflight == 0 and a.acks_written == 2
     assert bytes(b.out) == b"" and b.inflight == 0 and b.acks_written == 0
+
+
+# -- Log.append_batch's per-item work -----------------------------------------
+
+# Items over 5 partitions: (partition, has an id, record payload).
+_items = st.lists(st.tuples(st.integers(0, 4), st.booleans(), st.binary(max_size=20)),
+                  max_size=40)
+
+
+def _batch(spec):
+    return [(p, id_hash(b"", b"%d" % i) if has_id else None, payload)
+            for i, (p, has_id, payload) in enumerate(spec)]
+
+
+def test_batch_partitions_first_appearance_and_ids():
+    items = [(3, None, b"a"), (1, b"h" * 16, b"b"), (3, b"i" * 16, b"c"), (0, None, b"d")]
+    assert batch_partitions(items, 4) == ([3, 1, 0], 2)
+    assert batch_partitions([], 4) == ([], 0)
+    # Any 3-sequence is an item, as for tuple unpacking.
+    assert batch_partitions([[2, None, b"x"]], 4) == ([2], 0)
+
+
+def test_batch_partitions_rejects_out_of_range():
+    for bad in (4, -1, 2**70, -(2**70)):
+        with pytest.raises(ValueError, match="out of range 0..3"):
+            batch_partitions([(0, None, b"a"), (bad, None, b"b")], 4)
+    with pytest.raises(ValueError):
+        batch_partitions([(0, None)], 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_items, st.data())
+def test_batch_rows_equals_reference(spec, data):
+    items = _batch(spec)
+    touched, with_ids = batch_partitions(items, 5)
+    assert with_ids == sum(has_id for _, has_id, _ in spec)
+    first = [data.draw(st.integers(0, 2**64 - len(items) - 1)) for _ in touched]
+    dup_indexes = data.draw(st.sets(st.integers(0, max(len(items) - 1, 0))))
+    duplicates = {i: (9, 99 + i, True) for i in dup_indexes if i < len(items)}
+    results, rows, sizes = batch_rows(items, 5, touched, first, duplicates)
+    # Reference: the per-item loop Log.append_batch used to run in Python.
+    next_offset = dict(zip(touched, first))
+    want_rows = {p: [] for p in touched}
+    want_results = []
+    for index, (p, _, record) in enumerate(items):
+        if index in duplicates:
+            want_results.append(duplicates[index])
+            continue
+        want_rows[p].append((struct.pack(">Q", next_offset[p]), record))
+        want_results.append((p, next_offset[p], False))
+        next_offset[p] += 1
+    assert results == want_results
+    assert rows == [want_rows[p] for p in touched]
+    assert sizes == [sum(len(r) for _, r in want_rows[p]) for p in touched]
+
+
+def test_id_entries_offsets_as_if_no_duplicates():
+    items = [(1, b"a" * 16, b"r"), (0, None, b"r"), (1, None, b"r"), (1, b"b" * 16, b"r"),
+             (0, b"c" * 16, b"r")]
+    touched, _ = batch_partitions(items, 2)
+    entries = id_entries(items, 2, touched, [10, 2**40], 7)
+    assert [(i, p, off, h) for i, p, off, h, _ in entries] == [
+        (0, 1, 10, b"a" * 16), (3, 1, 12, b"b" * 16), (4, 0, 2**40 + 1, b"c" * 16)]
+    assert [struct.unpack(">HQQ", e) for *_, e in entries] == [
+        (1, 10, 7), (1, 12, 7), (0, 2**40 + 1, 7)]

@@ -136,6 +136,24 @@ def test_dedup_within_one_batch(tmp_env):
         assert log.lookup_id(ih("unknown")) is None
 
 
+def test_duplicate_moves_later_items_of_its_partition_down(tmp_env):
+    with open_log(tmp_env) as log:
+        log.append_batch([(1, ih("old"), rec(1))], now_ms=1)
+        items = [(1, None, rec(2)), (1, ih("old"), rec(2)), (0, ih("x"), rec(2)),
+                 (1, ih("x"), rec(2)), (1, ih("new"), rec(2)), (1, None, rec(2)),
+                 (0, ih("y"), rec(2))]
+        # A tuple of lists is a batch too.
+        result = log.append_batch(tuple(list(item) for item in items), now_ms=2)
+        assert result == [(1, 1, False), (1, 0, True), (0, 0, False), (0, 0, True),
+                          (1, 2, False), (1, 3, False), (0, 1, False)]
+        assert log.lookup_id(ih("new")) == (1, 2, 2)
+        assert log.lookup_id(ih("y")) == (0, 1, 2)
+        assert log.lookup_id(ih("x")) == (0, 0, 2)
+        assert [offset for offset, _ in log.read(1)] == [0, 1, 2, 3]
+        assert log.next_offsets == [2, 4, 0, 0]
+        assert log.stats()["bytes"] == 6 * len(rec(1))
+
+
 def test_dedup_across_batches_and_reopen(tmp_env):
     with open_log(tmp_env) as log:
         assert log.append_batch([(1, ih("a"), rec(1))], now_ms=1000) == [(1, 0, False)]
