@@ -99,6 +99,10 @@ def cmd_log_dump(args):
 
     store = _open_readonly(args)
     try:
+        if args.partition is not None and not 0 <= args.partition < store.partitions:
+            print(f"pushcore: --partition {args.partition}: the store has partitions 0.."
+                  f"{store.partitions - 1}", file=sys.stderr)
+            return EXIT_USAGE
         parts = [args.partition] if args.partition is not None else range(store.partitions)
         out = sys.stdout
         for part in parts:

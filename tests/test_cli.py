@@ -95,6 +95,9 @@ def test_dump_base64_and_filters(tmp_path):
     r = run("log", "dump", "--data", d.data_dir, "--partition", str(part), "--from", "1", "--base64")
     (rec,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert rec["payload_b64"] == "ZGVm" and rec["offset"] == 1
+    r = run("log", "dump", "--data", d.data_dir, "--partition", "8")
+    assert r.returncode == 2
+    assert "--partition 8: the store has partitions 0..7" in r.stderr
 
 
 def test_log_on_missing_store_is_a_clear_error(tmp_path):
