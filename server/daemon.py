@@ -160,7 +160,12 @@ class Server:
         family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        try:
+            sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        except OSError as err:
+            sock.close()
+            raise OSError(err.errno, f"cannot listen on {_peer((host, port))} (mqtt.bind): "
+                                     f"{err.strerror}") from None
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
@@ -366,14 +371,16 @@ class Server:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        # Handlers before the socket is bound: a SIGTERM that arrives as soon as
+        # clients can connect must drain, not kill.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         addr = self.listen()
         log.info("pushcore listening on mqtt %s, data %s (%d partitions, durability %s)",
                  _peer(addr), self.cfg.storage.data_dir, self.store.partitions,
                  self.cfg.storage.durability)
         self.loop.call_later(self.cfg.storage.retention.check_interval, self._expire_tick)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGUSR1, self._on_usr1)
         systemd.notify(f"READY=1\nSTATUS=listening on {_peer(addr)}")
         try:
             self.loop.run()

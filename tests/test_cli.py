@@ -123,3 +123,15 @@ def test_json_logs(tmp_path, fmt):
     lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
     assert any("listening" in x["msg"] for x in lines)
     assert all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = run("serve", "--data", str(tmp_path / "d"), "--mqtt", f"127.0.0.1:{port}")
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (mqtt.bind): Address already in use" in r.stderr
