@@ -24,7 +24,7 @@ def pushcore_cmd(*args):
 class Daemon:
     """The real pushcore daemon on a free loopback port, as a subprocess."""
 
-    def __init__(self, tmp_path, config="", durability="fsync", port=None, wrapper=()):
+    def __init__(self, tmp_path, config="", durability="fsync", port=None, wrapper=(), env=None):
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.data_dir = str(tmp_path / "data")
@@ -34,6 +34,7 @@ class Daemon:
         self.log_path = tmp_path / "daemon.log"
         # A command the daemon runs under, e.g. ("prlimit", "--nofile=40:40").
         self.wrapper = list(wrapper)
+        self.env = None if env is None else {**os.environ, **env}
         self.proc = None
 
     def start(self, timeout=15.0):
@@ -41,7 +42,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             self.wrapper + pushcore_cmd("serve", "-c", str(self.config_path), "--data", self.data_dir,
                          "--mqtt", f"{self.host}:{self.port}", "--durability", self.durability),
-            cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=self.env)
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -135,3 +135,22 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         r = run("serve", "--data", str(tmp_path / "d"), "--mqtt", f"127.0.0.1:{port}")
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (mqtt.bind): Address already in use" in r.stderr
+
+
+def test_systemd_notify_ready_and_stopping(tmp_path):
+    # Type=notify: systemd passes $NOTIFY_SOCKET; READY=1 must come once the
+    # listener is bound, STOPPING=1 when SIGTERM starts the drain.
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(15)
+        d = Daemon(tmp_path, env={"NOTIFY_SOCKET": path}).start()
+        try:
+            ready = notify.recv(4096).decode()
+            assert "READY=1" in ready.splitlines()
+            assert f"STATUS=listening on 127.0.0.1:{d.port}" in ready.splitlines()
+        finally:
+            assert d.stop() == 0
+        assert notify.recv(4096).decode() == "STOPPING=1"
