@@ -57,9 +57,11 @@ from .errors import (
     QuotaExceeded,
     ReceiveMaximumExceeded,
     SessionTakenOver,
+    TopicFilterInvalid,
     TopicAliasInvalid,
     UnsupportedProtocolVersion,
 )
+from .topics import parse_shared
 
 # MQTT 3.1.1 §3.1.2.2: protocol level 4; MQTT 5.0 §3.1.2.2: protocol version 5.
 MQTT311 = 4
@@ -72,6 +74,8 @@ PUBACK_SUCCESS = 0x00
 # MQTT 5.0 §3.9.3 / 3.1.1 §3.9.3: SUBACK failure codes.
 SUBACK_FAILURE_V3 = 0x80
 SUBACK_IMPLEMENTATION_SPECIFIC = 0x83
+SUBACK_SHARED_NOT_SUPPORTED = 0x9E
+SUBACK_WILDCARDS_NOT_SUPPORTED = 0xA2
 # MQTT 5.0 §3.11.3: UNSUBACK 0x11 No subscription existed.
 UNSUBACK_NO_SUBSCRIPTION = 0x11
 # MQTT 5.0 §3.14.2.1: 0x9B QoS not supported.
@@ -339,13 +343,14 @@ class MQTTServerConnection(ConnState):
     def handle_subscribe(self, p):
         if self.state != STATE_CONNECTED:
             raise ProtocolError("SUBSCRIBE before CONNECT")
-        n = len(p.subscriptions)
         if self.version == MQTT5:
             props = {"reason_string": "subscriptions are not supported yet"}
             if not self.problem_information or not self._fits(props):
                 props = None
-            self.out += encode(Suback(p.packet_id, [SUBACK_IMPLEMENTATION_SPECIFIC] * n, props), MQTT5)
+            codes = [_suback_refusal_v5(f) for f, _options in p.subscriptions]
+            self.out += encode(Suback(p.packet_id, codes, props), MQTT5)
         else:
+            n = len(p.subscriptions)
             self.out += encode(Suback(p.packet_id, [SUBACK_FAILURE_V3] * n, None), MQTT311)
 
     def handle_unsubscribe(self, p):
@@ -502,6 +507,21 @@ class MQTTServerConnection(ConnState):
             self.out += encode(Disconnect(err.reason_code, props), MQTT5)
         self.state = STATE_CLOSED
         self.close_after_flush = True
+
+
+def _suback_refusal_v5(topic_filter):
+    """The most precise MQTT 5.0 §3.9.3 refusal for one filter, until subscriptions land."""
+    try:
+        share, inner = parse_shared(topic_filter)
+    except TopicFilterInvalid:
+        return TopicFilterInvalid.reason_code
+    if share is not None:
+        # CONNACK said Shared Subscription Available = 0.
+        return SUBACK_SHARED_NOT_SUPPORTED
+    if "+" in inner or "#" in inner:
+        # CONNACK said Wildcard Subscription Available = 0.
+        return SUBACK_WILDCARDS_NOT_SUPPORTED
+    return SUBACK_IMPLEMENTATION_SPECIFIC
 
 
 def _is_utf8(payload):
