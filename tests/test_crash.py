@@ -12,10 +12,11 @@ from support import Daemon
 TOTAL = 50_000
 
 
-@pytest.mark.parametrize("version", [5, 4])
-def test_sigkill_mid_stream_loses_nothing_acked(tmp_path, version):
+# durability os commits on the reactor thread, fsync in the writer thread: both paths.
+@pytest.mark.parametrize("version,durability", [(5, "fsync"), (4, "fsync"), (5, "os")])
+def test_sigkill_mid_stream_loses_nothing_acked(tmp_path, version, durability):
     config = "dedup:\n  json_field: id\n" if version == 4 else ""
-    daemon = Daemon(tmp_path, config=config).start()
+    daemon = Daemon(tmp_path, config=config, durability=durability).start()
     acked = []
     failures = []
     stats = {}
