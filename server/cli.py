@@ -94,6 +94,24 @@ def cmd_log_stats(args):
     return 0
 
 
+# Records are read in chunks, each in its own short read transaction, so a dump
+# of a large partition neither holds all of it in memory nor pins an old
+# snapshot (which would keep the writer from reusing freed pages).
+DUMP_CHUNK = 1000
+
+
+def _records(store, partition, start, limit):
+    left = limit
+    while left is None or left > 0:
+        chunk = store.read(partition, start, DUMP_CHUNK if left is None else min(left, DUMP_CHUNK))
+        if not chunk:
+            return
+        yield from chunk
+        start = chunk[-1][0] + 1
+        if left is not None:
+            left -= len(chunk)
+
+
 def cmd_log_dump(args):
     from pushcore.record import decode_record
 
@@ -106,7 +124,7 @@ def cmd_log_dump(args):
         parts = [args.partition] if args.partition is not None else range(store.partitions)
         out = sys.stdout
         for part in parts:
-            for offset, data in store.read(part, args.start or 0, args.limit):
+            for offset, data in _records(store, part, args.start or 0, args.limit):
                 rec = decode_record(data)
                 obj = {
                     "partition": part,

@@ -154,3 +154,22 @@ def test_systemd_notify_ready_and_stopping(tmp_path):
         finally:
             assert d.stop() == 0
         assert notify.recv(4096).decode() == "STOPPING=1"
+
+
+def test_dump_reads_in_chunks_across_the_whole_partition(tmp_path):
+    from server import cli
+
+    d = Daemon(tmp_path, config="storage:\n  partitions: 1\n", durability="os").start()
+    try:
+        lines = "\n".join(f"m{i}" for i in range(2500)) + "\n"
+        r = run("pub", "-p", str(d.port), "-t", "bulk", "-l", input=lines)
+        assert r.returncode == 0, r.stderr
+    finally:
+        d.stop()
+    assert cli.DUMP_CHUNK < 2500
+    dump = d.dump()
+    assert [x["payload"] for x in dump] == [f"m{i}" for i in range(2500)]
+    assert [x["offset"] for x in dump] == list(range(2500))
+    r = run("log", "dump", "--data", d.data_dir, "--from", "999", "--limit", "1002")
+    got = [json.loads(line)["offset"] for line in r.stdout.splitlines()]
+    assert got == list(range(999, 2001))
