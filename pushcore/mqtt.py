@@ -80,6 +80,8 @@ SUBACK_WILDCARDS_NOT_SUPPORTED = 0xA2
 UNSUBACK_NO_SUBSCRIPTION = 0x11
 # MQTT 5.0 §3.14.2.1: 0x9B QoS not supported.
 QOS_NOT_SUPPORTED = 0x9B
+# MQTT 5.0 §3.14.2.1: 0x04 Disconnect with Will Message.
+DISCONNECT_WITH_WILL = 0x04
 # MQTT 5.0 §3.14.2.1: 0x8B Server shutting down.
 SERVER_SHUTTING_DOWN = 0x8B
 
@@ -149,6 +151,7 @@ class MQTTServerConnection(ConnState):
         # Reason String except in PUBLISH, CONNACK and DISCONNECT.
         self.problem_information = True
         self.topic_aliases = {}
+        self.will = None
         self.max_packet_out = 268435460
         self.errors = 0
 
@@ -214,6 +217,10 @@ class MQTTServerConnection(ConnState):
             server_keepalive = s.keepalive_max
         if props is not None:
             self.max_packet_out = props.get("maximum_packet_size", self.max_packet_out)
+        if p.will is not None and p.will.qos > s.max_qos:
+            # MQTT 5.0 §3.2.2.2: a Will QoS above Maximum QoS is CONNACK 0x9B.
+            raise MQTTError("will QoS above the server's maximum", QOS_NOT_SUPPORTED)
+        self.will = p.will
         self.state = STATE_CONNECTED
         if self.server is not None:
             self.server.connected(self)
@@ -268,13 +275,7 @@ class MQTTServerConnection(ConnState):
                 del props["topic_alias"]
             user = props.get("user_property")
             if user:
-                id_name = s.id_property
-                key_name = s.key_property
-                for name, value in user:
-                    if name == id_name:
-                        msg_id = value.encode()
-                    elif name == key_name:
-                        key = value.encode()
+                msg_id, key = _id_and_key(user, s)
             if props.get("payload_format_indicator") == 1 and not _is_utf8(p.payload):
                 # MQTT 5.0 §3.3.2.3.2: the receiver MAY check the payload and answer
                 # PUBACK, PUBREC or DISCONNECT 0x99.  QoS 1/2: the ack refuses this one
@@ -363,6 +364,9 @@ class MQTTServerConnection(ConnState):
             self.out += encode(Unsuback(p.packet_id, [], None), MQTT311)
 
     def handle_disconnect(self, p):
+        if p.reason_code != DISCONNECT_WITH_WILL:
+            # MQTT 3.1.1 §3.14.4 / 5.0 §3.14.4: a normal DISCONNECT discards the Will.
+            self.will = None
         self.disconnected_cleanly = True
         self.close_reason = "client disconnect"
         self.state = STATE_CLOSED
@@ -471,6 +475,38 @@ class MQTTServerConnection(ConnState):
     def taken_over(self):
         self._fail(SessionTakenOver("session taken over"))
 
+    def connection_lost(self):
+        """The network connection is gone; store the Will Message if one is due.
+
+        MQTT 3.1.1 §3.1.2.5 / 5.0 §3.1.2.5: unless the client ended with a
+        normal DISCONNECT, its Will Message is published when the connection
+        closes (keepalive lapse, protocol error, socket error, takeover).  With
+        no session kept after the connection (Session Expiry 0), a Will Delay
+        Interval ends with the session, at once.  Published here means stored
+        in the log like a QoS 0 publish from this client: it has no ack to
+        wait for.
+        """
+        will = self.will
+        if will is None:
+            return
+        self.will = None
+        msg_id = key = None
+        raw_props = b""
+        props = will.properties
+        if props:
+            props = {k: v for k, v in props.items() if k != "will_delay_interval"}
+            user = props.get("user_property")
+            if user:
+                msg_id, key = _id_and_key(user, self.settings)
+            if props:
+                raw_props = encode_properties(props)
+        self.ingest.add(will.topic, will.payload, will.qos, will.retain, msg_id, key,
+                        self.client_id, raw_props, None, 0)
+
+    def discard_will(self):
+        """The server is shutting down: no Will (the client reconnects to a new run)."""
+        self.will = None
+
     def internal_error(self, err):
         """A bug surfaced while handling this connection's input."""
         self._fail(ImplementationSpecificError(f"internal error: {type(err).__name__}"))
@@ -507,6 +543,19 @@ class MQTTServerConnection(ConnState):
             self.out += encode(Disconnect(err.reason_code, props), MQTT5)
         self.state = STATE_CLOSED
         self.close_after_flush = True
+
+
+def _id_and_key(user_properties, settings):
+    """The message id and ordering key among a message's user properties (bytes or None)."""
+    msg_id = key = None
+    id_name = settings.id_property
+    key_name = settings.key_property
+    for name, value in user_properties:
+        if name == id_name:
+            msg_id = value.encode()
+        elif name == key_name:
+            key = value.encode()
+    return msg_id, key
 
 
 def _suback_refusal_v5(topic_filter):

@@ -273,6 +273,7 @@ class Connection:
             out.clear()
         self.closed = True
         self.proto.state = STATE_CLOSED
+        self.proto.connection_lost()
         self.timer.cancel()
         loop = self.server.loop
         # Forget the fd's registrations now: the number may be reused at once by

@@ -451,6 +451,9 @@ class Server:
 
     def _finish_drain(self):
         for conn in list(self.conns.values()):
+            # Nothing is committed after this point, so no Will could be stored; the
+            # clients see DISCONNECT 0x8B (3.1.1: a close) and reconnect to the next run.
+            conn.proto.discard_will()
             conn.proto.shutdown()
             conn.close("server shutting down")
         self.loop.stop()

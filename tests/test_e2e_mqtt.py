@@ -419,3 +419,66 @@ def test_acks_follow_publish_order_across_a_qos2_resend(daemon):
     assert [(a.type, a.packet_id) for a in acks] == \
         [(_frame.PUBREC, 9), (_frame.PUBACK, 10), (_frame.PUBREC, 11)]
     assert len([r for r in daemon.dump() if r["topic"] == "order/q2"]) == 1
+
+
+# -- will messages: stored in the log when a connection ends without DISCONNECT ------
+
+
+def connect_with_will(daemon, version, client_id, keepalive=30, will_props=None, qos=1, retain=True):
+    s = raw(daemon)
+    will = _frame.Will(f"wills/{client_id}", f"{client_id} is gone".encode(), qos=qos,
+                       retain=retain, properties=will_props)
+    s.sendall(_frame.encode(_frame.Connect(client_id=client_id, protocol_level=version,
+                                           keepalive=keepalive, will=will), version))
+    (connack,) = read_packets(s, version)
+    assert connack.type == _frame.CONNACK and connack.reason_code == 0
+    return s
+
+
+def wills(daemon):
+    return {r["topic"]: r for r in daemon.dump() if r["topic"].startswith("wills/")}
+
+
+def test_will_stored_on_abrupt_close_not_on_disconnect(daemon):
+    gone = connect_with_will(daemon, 4, "dropped")
+    polite = connect_with_will(daemon, 4, "polite")
+    polite.sendall(b"\xe0\x00")
+    assert closed_by_server(polite)
+    gone.close()
+    deadline = time.monotonic() + 5
+    while "wills/dropped" not in wills(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = wills(daemon)
+    assert set(got) == {"wills/dropped"}
+    w = got["wills/dropped"]
+    assert (w["payload"], w["qos"], w["retain"], w["client"]) == ("dropped is gone", 1, True, "dropped")
+
+
+def test_will_v5_disconnect_0x04_keepalive_lapse_and_takeover(daemon):
+    props = {"will_delay_interval": 30, "content_type": "text/plain",
+             "user_property": [("id", "will-1"), ("key", "fleet-7")]}
+    with_will = connect_with_will(daemon, 5, "leaver", will_props=props)
+    with_will.sendall(_frame.encode(_frame.Disconnect(0x04), 5))
+    assert closed_by_server(with_will)
+    connect_with_will(daemon, 5, "sleeper", keepalive=1)
+    connect_with_will(daemon, 5, "replaced")
+    connect_raw(daemon, 5, "replaced")
+    deadline = time.monotonic() + 6
+    while len(wills(daemon)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    got = wills(daemon)
+    assert set(got) == {"wills/leaver", "wills/sleeper", "wills/replaced"}
+    # The will's id and key user properties work as a publish's do.
+    assert (got["wills/leaver"]["id"], got["wills/leaver"]["key"]) == ("will-1", "fleet-7")
+
+
+def test_will_qos_above_max_qos_is_refused_0x9b(tmp_path):
+    d = Daemon(tmp_path, config="mqtt:\n  max_qos: 1\n", durability="os").start()
+    try:
+        s = raw(d)
+        will = _frame.Will("wills/q2", b"x", qos=2)
+        s.sendall(_frame.encode(_frame.Connect(client_id="q2will", protocol_level=5, will=will), 5))
+        (connack,) = read_packets(s, 5)
+        assert (connack.type, connack.reason_code) == (_frame.CONNACK, 0x9B)
+    finally:
+        d.stop()
