@@ -25,6 +25,11 @@ from pushcore._frame cimport Publish
 
 import mmh3
 
+from pushcore.errors import QuotaExceeded
+
+# Waiter index of an ack owed for a copy whose original was refused (see Batch).
+RESEND_OF_REFUSED = -2
+
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
 
@@ -268,7 +273,8 @@ cdef class Batch:
     that order (MQTT 5.0 §4.6).  QoS 0 records wait for nobody.  An index of
     -1 is an ack owed for a message an earlier batch stored (a QoS 2 PUBLISH
     re-sent before PUBREL): batches commit in order, so it goes out with this
-    one.
+    one.  ``RESEND_OF_REFUSED`` (-2) is such an ack whose original the store
+    refused: it is answered 0x97 like the original.
     """
 
     def __cinit__(self):
@@ -300,7 +306,7 @@ cdef class Batch:
         cdef Py_ssize_t index
         self.items.extend(other.items)
         for conn, packet_id, qos, index in other.waiters:
-            self.waiters.append((conn, packet_id, qos, index + base if index >= 0 else -1))
+            self.waiters.append((conn, packet_id, qos, index + base if index >= 0 else index))
         self.nbytes += other.nbytes
 
 
@@ -461,10 +467,11 @@ def ack_committed(list waiters):
     cdef int packet_id, qos
     cdef unsigned char* w
     for proto, packet_id_obj, qos_obj, index in waiters:
-        if index == -1:
-            # A QoS 2 PUBLISH re-sent before PUBREL: rare, and its answer depends
-            # on how the original's flow ended.
-            proto.resend_committed(packet_id_obj)
+        if index == RESEND_OF_REFUSED:
+            # A QoS 2 PUBLISH re-sent before PUBREL whose original was refused for a
+            # full store (Server._refuse marks it): that flow ended with 0x97, so
+            # does this copy; a success would ack something never stored.
+            proto.refused(packet_id_obj, qos_obj, QuotaExceeded("store full"))
             acked.add(proto)
             continue
         if isinstance(proto, ConnState):

@@ -54,7 +54,6 @@ from .errors import (
     MQTTError,
     PayloadFormatInvalid,
     ProtocolError,
-    QuotaExceeded,
     ReceiveMaximumExceeded,
     SessionTakenOver,
     TopicFilterInvalid,
@@ -80,8 +79,8 @@ SUBACK_WILDCARDS_NOT_SUPPORTED = 0xA2
 UNSUBACK_NO_SUBSCRIPTION = 0x11
 # MQTT 5.0 §3.14.2.1: 0x9B QoS not supported.
 QOS_NOT_SUPPORTED = 0x9B
-# MQTT 5.0 §3.14.2.1: 0x04 Disconnect with Will Message.
-DISCONNECT_WITH_WILL = 0x04
+# MQTT 5.0 §3.14.2.1: 0x00 Normal disconnection.
+DISCONNECT_NORMAL = 0x00
 # MQTT 5.0 §3.14.2.1: 0x8B Server shutting down.
 SERVER_SHUTTING_DOWN = 0x8B
 
@@ -240,6 +239,10 @@ class MQTTServerConnection(ConnState):
                 cprops["server_keep_alive"] = server_keepalive
             if assigned is not None:
                 cprops["assigned_client_identifier"] = assigned
+            if props is not None and props.get("session_expiry_interval", 0) > 0:
+                # MQTT 5.0 §3.2.2.3.2: no session outlives its connection yet, so say so;
+                # otherwise the client's interval would stand (and with it a Will Delay).
+                cprops["session_expiry_interval"] = 0
             self.out += encode(Connack(False, 0, cprops), MQTT5)
         else:
             self.out += encode(Connack(False, 0, None), MQTT311)
@@ -364,8 +367,9 @@ class MQTTServerConnection(ConnState):
             self.out += encode(Unsuback(p.packet_id, [], None), MQTT311)
 
     def handle_disconnect(self, p):
-        if p.reason_code != DISCONNECT_WITH_WILL:
-            # MQTT 3.1.1 §3.14.4 / 5.0 §3.14.4: a normal DISCONNECT discards the Will.
+        if self.version == MQTT311 or p.reason_code == DISCONNECT_NORMAL:
+            # MQTT 3.1.1 §3.14.4 / 5.0 §3.14.4 [MQTT-3.14.4-3]: only a normal DISCONNECT
+            # (v5 reason 0x00) discards the Will; 0x04 and the error codes keep it.
             self.will = None
         self.disconnected_cleanly = True
         self.close_reason = "client disconnect"
@@ -417,19 +421,6 @@ class MQTTServerConnection(ConnState):
         self.acks_written += 1
         if self.held_refusals:
             self._release_refusals()
-
-    def resend_committed(self, packet_id):
-        """The batch holding a QoS 2 PUBLISH re-sent before PUBREL is committed.
-
-        Batches commit in order, so the original's batch is done too: if it was
-        stored, the packet id is still between PUBREC and PUBREL and this copy
-        gets its PUBREC; if it was refused (store full), that flow ended with
-        0x97 and so does this copy, rather than a success for nothing stored.
-        """
-        if packet_id in self.qos2_received:
-            self.committed(packet_id, 2)
-        else:
-            self.refused(packet_id, 2, QuotaExceeded("store full"))
 
     def refused(self, packet_id, qos, error):
         """The log refused the batch (StoreFull).  Only v5 can say so in the ack."""

@@ -273,7 +273,6 @@ class Connection:
             out.clear()
         self.closed = True
         self.proto.state = STATE_CLOSED
-        self.proto.connection_lost()
         self.timer.cancel()
         loop = self.server.loop
         # Forget the fd's registrations now: the number may be reused at once by
@@ -293,6 +292,13 @@ class Connection:
             if err.errno != errno.EBADF:
                 raise
         self.server.connection_closed(self, reason)
+        # Last, once the socket and its registrations are gone: a Will due now is
+        # stored with the next batch.
+        try:
+            self.proto.connection_lost()
+        except Exception:
+            log.exception("storing the will of %s failed", self.proto.client_id)
+            self.server.metrics["internal_errors"] += 1
 
 
 def set_nodelay(sock):

@@ -482,3 +482,24 @@ def test_will_qos_above_max_qos_is_refused_0x9b(tmp_path):
         assert (connack.type, connack.reason_code) == (_frame.CONNACK, 0x9B)
     finally:
         d.stop()
+
+
+def test_will_kept_by_v5_disconnect_with_an_error_code(daemon):
+    # MQTT 5.0 §3.14.4 [MQTT-3.14.4-3]: only reason 0x00 discards the Will.
+    for client_id, code in (("rc00", 0x00), ("rc80", 0x80), ("rc83", 0x83)):
+        s = connect_with_will(daemon, 5, client_id)
+        s.sendall(_frame.encode(_frame.Disconnect(code), 5))
+        assert closed_by_server(s)
+    deadline = time.monotonic() + 5
+    while len(wills(daemon)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(wills(daemon)) == {"wills/rc80", "wills/rc83"}
+
+
+def test_connack_says_no_session_outlives_the_connection(daemon):
+    s = raw(daemon)
+    s.sendall(_frame.encode(_frame.Connect(client_id="expiring", protocol_level=5,
+                                           properties={"session_expiry_interval": 3600}), 5))
+    (connack,) = read_packets(s, 5)
+    assert connack.reason_code == 0 and not connack.session_present
+    assert connack.properties["session_expiry_interval"] == 0

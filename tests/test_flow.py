@@ -268,7 +268,9 @@ def test_qos2_resend_of_a_refused_original_is_refused_too(tmp_path):
         feed(pub)
         batch_b = srv.ingest.take()
         assert not batch_b.items and len(batch_b.waiters) == 1
+        srv.ingest.batch = batch_b   # B is the pending batch while A commits
         srv._committed(batch_a, None, StoreFull("full"))
+        batch_b = srv.ingest.take()
         srv._committed(batch_b, srv.store.append_batch(batch_b.items, 0), None)
         packets, _, _ = _frame.Parser(version=5).parse(proto.out, 0, len(proto.out))
         assert [(p.type, p.packet_id, p.reason_code) for p in packets] == \
