@@ -25,9 +25,8 @@ import socket
 import threading
 import time
 
-from pushcore._ingest import RESEND_OF_REFUSED, ack_committed, count_duplicates
 from pushcore.errors import QuotaExceeded, StoreFull
-from pushcore.ingest import Batch, Ingest
+from pushcore._ingest import RESEND_OF_REFUSED, Batch, Ingest, ack_committed, count_duplicates
 from pushcore.log import Log
 from pushcore.mqtt import MQTT5, STATE_CLOSED, MQTTSettings
 

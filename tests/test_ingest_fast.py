@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 
 from pushcore import _frame
 from pushcore._frame import Connect, Pingreq, Publish, encode
-from pushcore._ingest import (ack_committed, batch_partitions, batch_rows, count_duplicates,
-                              id_entries)
-from pushcore.ingest import Batch, Ingest
+from pushcore._ingest import (Batch, Ingest, ack_committed, batch_partitions, batch_rows,
+                              count_duplicates, id_entries)
 from pushcore.mqtt import MQTT5, MQTT311, MQTTServerConnection, MQTTSettings
 from pushcore.record import decode_record, encode_record, id_hash, partition_for
 
