@@ -21,7 +21,8 @@ Scalars are converted from their source text by the option's own type, not by
 YAML's implicit typing, so YAML 1.1 surprises (``1:30`` read as 5400, ``on``
 read as true for a string option) cannot reach the server.  A value typed in
 the file and the same value given as a command-line string therefore convert
-identically.
+identically.  A list option is the one place a YAML sequence is accepted;
+each item is converted the same way and an error names the item's line.
 """
 
 import decimal
@@ -32,7 +33,8 @@ import re
 
 import yaml
 
-from pushcore.errors import ConfigError
+from pushcore.errors import ConfigError, TopicFilterInvalid
+from pushcore.topics import validate_filter
 
 __all__ = [
     "OPTIONS",
@@ -47,6 +49,8 @@ __all__ = [
     "Size",
     "Duration",
     "Address",
+    "TopicFilter",
+    "List",
 ]
 
 
@@ -303,6 +307,76 @@ class Address:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class TopicFilter:
+    """An MQTT topic filter, taken exactly as written (no stripping)."""
+
+    expected = (
+        "a topic filter ('+' and '#' only as whole levels, '#' only as the last; "
+        "$share/{ShareName}/{filter} for a shared subscription)"
+    )
+    plural = "topic filters"
+    # The usual way an item ends up null: YAML reads an unquoted '#' after a
+    # space ("- #", "[a, #]") as the start of a comment.
+    null_hint = " (in YAML an unquoted # starts a comment: write '#')"
+
+    def parse(self, value):
+        if value is None:
+            raise ValueError(f"expected {self.expected}, got null{self.null_hint}")
+        if not isinstance(value, str):
+            raise ValueError(f"expected {self.expected}, got {_got(value)}")
+        try:
+            validate_filter(value)
+        except TopicFilterInvalid as exc:
+            raise ValueError(f"expected {self.expected}, got {_got(value)} ({exc})") from None
+        return value
+
+    def format(self, value):
+        return value
+
+
+class List:
+    """A list of ``item`` values, stored as a tuple so the config stays immutable.
+
+    In the file it is a YAML sequence, block or flow style, and nothing else:
+    ``_FileReader`` parses each item with ``item`` and blames the item's own
+    line.  As an override it is a Python list or tuple, or a string of items
+    separated by commas, optionally in brackets (``"a/#, b"``, ``"[a/#, b]"``;
+    ``""`` and ``"[]"`` are the empty list), so a flow list copied from the
+    file works too as long as it has no quoted items: quotes are not special
+    here and stay part of the item.  The string form strips spaces around
+    items and cannot express an item containing a comma; the file can.
+    """
+
+    def __init__(self, item):
+        self.item = item
+        self.expected = f"a list of {item.plural} ([] for none)"
+
+    def parse(self, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            items = [part.strip() for part in text.split(",")] if text.strip() else []
+        elif isinstance(value, (list, tuple)):
+            items = value
+        elif value is None:
+            # A list key with every item commented out, or "key: #".
+            raise ValueError(f"expected {self.expected}, got null{self.item.null_hint}")
+        else:
+            raise ValueError(f"expected {self.expected}, got {_got(value)}")
+        return tuple(self.parse_item(index, item) for index, item in enumerate(items, 1))
+
+    def parse_item(self, index, value):
+        """``item.parse(value)``, its error naming the 1-based ``index``."""
+        try:
+            return self.item.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"item {index}: {exc}") from None
+
+    def format(self, value):
+        return "[" + ", ".join(self.item.format(item) for item in value) + "]"
+
+
 class Option:
     """One schema entry.  ``default`` is written as an operator would write it
     and parsed by ``kind`` at import, so a bad default fails at once."""
@@ -358,6 +432,15 @@ OPTIONS = {
     "mqtt.outbuf_high": Option(Size(low=1), "1MiB"),
     "mqtt.outbuf_low": Option(Size(), "256KiB"),
     "mqtt.buffer_size": Option(Size(4 << 10, 16 << 20), "64KiB"),
+    "mqtt.subscribe_deny": Option(List(TopicFilter()), []),
+    # MQTT 5.0 §3.1.2.11.3: an MQTT 5 client states its own Receive Maximum,
+    # a Two Byte Integer; this is the 3.1.1 stand-in for it.
+    "mqtt.max_inflight_out": Option(Integer(1, _TWO_BYTE_MAX), 32),
+    "sessions.max_queued_messages": Option(Integer(0, 10_000_000), 1000),
+    "sessions.max_queued_bytes": Option(Size(), 0),
+    "sessions.queue_full": Option(Choice("refuse", "drop_oldest"), "refuse"),
+    "sessions.queue_qos0": Option(Boolean(), False),
+    "sessions.max_expiry": Option(Duration(allow_zero=True), 0),
     "log.level": Option(Choice("debug", "info", "warning", "error"), "info"),
     "log.format": Option(Choice("text", "json"), "text"),
 }
@@ -536,6 +619,10 @@ class _FileReader:
 
     def option(self, key, node, line):
         kind = OPTIONS[key].kind
+        if isinstance(kind, List):
+            self.values[key] = self.sequence(key, kind, node, line)
+            self.lines[key] = line
+            return
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(key, f"expected {kind.expected}, got {_node_kind(node)}", line)
         value = None if node.tag == _NULL_TAG else node.value
@@ -544,6 +631,30 @@ class _FileReader:
         except ValueError as exc:
             raise self.error(key, str(exc), line) from None
         self.lines[key] = line
+
+    def sequence(self, key, kind, node, line):
+        # Only a YAML sequence: a scalar would need the comma syntax of the
+        # command line, which YAML's own comment and quoting rules make easy
+        # to misread ("key: #" is null, not a filter).
+        if not isinstance(node, yaml.SequenceNode):
+            if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG:
+                got = "null" + kind.item.null_hint
+            else:
+                got = _node_kind(node)
+            raise self.error(key, f"expected {kind.expected}, got {got}", line)
+        items = []
+        for index, item_node in enumerate(node.value, 1):
+            item_line = _line(item_node)
+            if not isinstance(item_node, yaml.ScalarNode):
+                raise self.error(
+                    key, f"item {index}: expected {kind.item.expected}, got {_node_kind(item_node)}", item_line
+                )
+            value = None if item_node.tag == _NULL_TAG else item_node.value
+            try:
+                items.append(kind.parse_item(index, value))
+            except ValueError as exc:
+                raise self.error(key, str(exc), item_line) from None
+        return tuple(items)
 
 
 def _validate(values, lines, source):

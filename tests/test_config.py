@@ -8,7 +8,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pushcore.config import OPTIONS, Config, Duration, Size, check_config, load_config
+from pushcore.config import OPTIONS, Config, Duration, List, Size, TopicFilter, check_config, load_config
 from pushcore.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "pushcore.yaml"
@@ -63,6 +63,13 @@ def test_defaults_without_file():
     assert cfg.mqtt.outbuf_high == 1 << 20
     assert cfg.mqtt.outbuf_low == 256 << 10
     assert cfg.mqtt.buffer_size == 64 << 10
+    assert cfg.mqtt.subscribe_deny == ()
+    assert cfg.mqtt.max_inflight_out == 32
+    assert cfg.sessions.max_queued_messages == 1000
+    assert cfg.sessions.max_queued_bytes == 0
+    assert cfg.sessions.queue_full == "refuse"
+    assert cfg.sessions.queue_qos0 is False
+    assert cfg.sessions.max_expiry == 0.0
     assert cfg.log.level == "info"
     assert cfg.log.format == "text"
 
@@ -94,7 +101,7 @@ def test_check_config_is_load_config(write):
         "# only comments\n#storage:\n",
         "---\n",
         "~\n",
-        "storage:\ndedup:\nordering:\nmqtt:\nlog:\n",
+        "storage:\ndedup:\nordering:\nmqtt:\nsessions:\nlog:\n",
         "storage:\n  retention:\n  batch:\n",
     ],
 )
@@ -217,6 +224,12 @@ def test_wrong_type(write, line, message):
         ("mqtt:\n  max_qos: 3\n", "mqtt.max_qos: expected an integer 0..2, got 3"),
         ("mqtt:\n  receive_maximum: 65536\n", "mqtt.receive_maximum: expected an integer 1..65535, got 65536"),
         ("mqtt:\n  keepalive_max: -1\n", "mqtt.keepalive_max: expected an integer 0..65535, got -1"),
+        ("mqtt:\n  max_inflight_out: 0\n", "mqtt.max_inflight_out: expected an integer 1..65535, got 0"),
+        ("mqtt:\n  max_inflight_out: 65536\n", "mqtt.max_inflight_out: expected an integer 1..65535, got 65536"),
+        (
+            "sessions:\n  max_queued_messages: 10_000_001\n",
+            "sessions.max_queued_messages: expected an integer 0..10000000, got 10000001",
+        ),
         (
             "mqtt:\n  buffer_size: 32MiB\n",
             "mqtt.buffer_size: expected a size 4KiB..16MiB (bytes, or a number with a unit: "
@@ -253,6 +266,7 @@ def test_out_of_range(write, text, message):
         ("dedup.scope", "tenant", "global, client"),
         ("log.level", "trace", "debug, info, warning, error"),
         ("log.format", "xml", "text, json"),
+        ("sessions.queue_full", "drop_newest", "refuse, drop_oldest"),
     ],
 )
 def test_bad_enum_lists_allowed_values(write, key, value, allowed):
@@ -437,7 +451,8 @@ def test_utf8_bom_is_accepted(tmp_path):
 def test_not_a_mapping(write):
     path = write("hello\n")
     assert str(load_error(path)) == (
-        f"{path}:1: (top level): expected a mapping of options (storage, dedup, ordering, mqtt, log), got 'hello'"
+        f"{path}:1: (top level): expected a mapping of options (storage, dedup, ordering, mqtt, sessions, log), "
+        "got 'hello'"
     )
     path = write("log: [debug]\n")
     assert str(load_error(path)) == f"{path}:1: log: expected a mapping of options (level, format), got a list"
@@ -471,6 +486,183 @@ def test_outbuf_check_applies_after_overrides(write):
     assert load_config(path, {"mqtt.outbuf_high": "4MiB"}).mqtt.outbuf_high == 4 << 20
     err = load_error(None, {"mqtt.outbuf_low": 1 << 20})
     assert str(err) == "mqtt.outbuf_low: must be less than mqtt.outbuf_high (1MiB >= 1MiB)"
+
+
+def test_sessions_section(write):
+    path = write(
+        "mqtt:\n"
+        "  max_inflight_out: 65535\n"
+        "sessions:\n"
+        "  max_queued_messages: 0\n"
+        "  max_queued_bytes: 64MiB\n"
+        "  queue_full: drop_oldest\n"
+        "  queue_qos0: true\n"
+        "  max_expiry: 1d\n"
+    )
+    cfg = load_config(path)
+    assert cfg.mqtt.max_inflight_out == 65535
+    assert cfg.sessions.max_queued_messages == 0
+    assert cfg.sessions.max_queued_bytes == 64 << 20
+    assert cfg.sessions.queue_full == "drop_oldest"
+    assert cfg.sessions.queue_qos0 is True
+    assert cfg.sessions.max_expiry == 86400.0
+
+
+# --- list options -------------------------------------------------------------
+
+FILTER_EXPECTED = (
+    "a topic filter ('+' and '#' only as whole levels, '#' only as the last; "
+    "$share/{ShareName}/{filter} for a shared subscription)"
+)
+
+
+def test_list_block_style(write):
+    path = write(
+        "mqtt:\n"
+        "  subscribe_deny:\n"
+        "    # secrets\n"
+        "    - secret/#\n"
+        "    - '#'\n"
+        "    - +/keys/+\n"
+        "    - $share/workers/jobs/#\n"
+        "    - ' padded '\n"
+        "    - a,b\n"
+        "    - 'null'\n"
+    )
+    deny = load_config(path).mqtt.subscribe_deny
+    assert deny == ("secret/#", "#", "+/keys/+", "$share/workers/jobs/#", " padded ", "a,b", "null")
+    assert isinstance(deny, tuple)
+
+
+def test_list_flow_style(write):
+    cfg = load_config(write("mqtt:\n  subscribe_deny: [secret/#, '#', $SYS/+/x]\n"))
+    assert cfg.mqtt.subscribe_deny == ("secret/#", "#", "$SYS/+/x")
+    cfg = load_config(write("mqtt:\n  subscribe_deny: [\n    a/b,\n    c/#,\n  ]\n"))
+    assert cfg.mqtt.subscribe_deny == ("a/b", "c/#")
+    assert load_config(write("mqtt:\n  subscribe_deny: []\n")).mqtt.subscribe_deny == ()
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("secret/#", ("secret/#",)),
+        ("secret/#,admin/+", ("secret/#", "admin/+")),
+        (" secret/# , admin/+ ", ("secret/#", "admin/+")),
+        ("[secret/#, admin/+]", ("secret/#", "admin/+")),
+        ("#", ("#",)),
+        ("", ()),
+        ("  ", ()),
+        ("[]", ()),
+        ("[ ]", ()),
+        (["a,b", " padded "], ("a,b", " padded ")),
+        (("x/+",), ("x/+",)),
+        ([], ()),
+    ],
+)
+def test_list_overrides(value, expected):
+    cfg = load_config(None, {"mqtt.subscribe_deny": value})
+    assert cfg.mqtt.subscribe_deny == expected
+
+
+def test_list_override_beats_file(write):
+    path = write("mqtt:\n  subscribe_deny:\n    - a/#\n")
+    assert load_config(path, {"mqtt.subscribe_deny": "b/#"}).mqtt.subscribe_deny == ("b/#",)
+    assert load_config(path, {"mqtt.subscribe_deny": ""}).mqtt.subscribe_deny == ()
+
+
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        (
+            "mqtt:\n  subscribe_deny:\n    - ok/#\n    - a/#/b\n",
+            4,
+            f"item 2: expected {FILTER_EXPECTED}, got 'a/#/b' "
+            "('#' must be the last level of topic filter 'a/#/b')",
+        ),
+        (
+            "mqtt:\n  subscribe_deny:\n    - a+\n",
+            3,
+            f"item 1: expected {FILTER_EXPECTED}, got 'a+' ('+' must be a whole level in topic filter 'a+')",
+        ),
+        (
+            "mqtt:\n  subscribe_deny: [\n    ok,\n    x/#y,\n  ]\n",
+            4,
+            f"item 2: expected {FILTER_EXPECTED}, got 'x/#y' ('#' must be a whole level in topic filter 'x/#y')",
+        ),
+        (
+            "mqtt:\n  subscribe_deny:\n    - ''\n",
+            3,
+            f"item 1: expected {FILTER_EXPECTED}, got '' (topic filter is empty)",
+        ),
+        (
+            "mqtt:\n  subscribe_deny:\n    - $share/g\n",
+            3,
+            f"item 1: expected {FILTER_EXPECTED}, got '$share/g' (shared subscription '$share/g' has no topic "
+            "filter after its ShareName (the form is $share/{ShareName}/{filter}))",
+        ),
+        (
+            "mqtt:\n  subscribe_deny:\n    - a\n    - #\n",
+            4,
+            f"item 2: expected {FILTER_EXPECTED}, got null (in YAML an unquoted # starts a comment: write '#')",
+        ),
+        (
+            "mqtt:\n  subscribe_deny:\n    - [a, b]\n",
+            3,
+            f"item 1: expected {FILTER_EXPECTED}, got a list",
+        ),
+        (
+            "mqtt:\n  subscribe_deny:\n    - {a: b}\n",
+            3,
+            f"item 1: expected {FILTER_EXPECTED}, got a mapping",
+        ),
+    ],
+)
+def test_list_bad_item_names_key_and_item_line(write, text, line, message):
+    path = write(text)
+    err = load_error(path)
+    assert (err.key, err.line, err.source) == ("mqtt.subscribe_deny", line, str(path))
+    assert str(err) == f"{path}:{line}: mqtt.subscribe_deny: {message}"
+
+
+@pytest.mark.parametrize(
+    "value, got",
+    [
+        ("secret/#", "'secret/#'"),
+        ("a, b", "'a, b'"),
+        ("", "null (in YAML an unquoted # starts a comment: write '#')"),
+        ("#", "null (in YAML an unquoted # starts a comment: write '#')"),
+        ("{a: b}", "a mapping"),
+    ],
+)
+def test_list_in_file_must_be_a_sequence(write, value, got):
+    path = write(f"mqtt:\n  max_qos: 1\n  subscribe_deny: {value}\n")
+    err = load_error(path)
+    assert str(err) == f"{path}:3: mqtt.subscribe_deny: expected a list of topic filters ([] for none), got {got}"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("ok,a/#/b", f"item 2: expected {FILTER_EXPECTED}, got 'a/#/b' "
+                     "('#' must be the last level of topic filter 'a/#/b')"),
+        ("a,,b", f"item 2: expected {FILTER_EXPECTED}, got '' (topic filter is empty)"),
+        (["a", 5], f"item 2: expected {FILTER_EXPECTED}, got 5"),
+        (None, "expected a list of topic filters ([] for none), got null "
+               "(in YAML an unquoted # starts a comment: write '#')"),
+        (7, "expected a list of topic filters ([] for none), got 7"),
+    ],
+)
+def test_list_bad_overrides(value, message):
+    err = load_error(None, {"mqtt.subscribe_deny": value})
+    assert str(err) == f"mqtt.subscribe_deny: {message}"
+    assert err.line is None and err.source is None
+
+
+def test_list_format_round_trips():
+    kind = List(TopicFilter())
+    for value in [(), ("a/#",), ("secret/#", "+/keys", "$share/g/x/#")]:
+        assert kind.parse(kind.format(value)) == value
+    assert kind.format(("a/#", "b")) == "[a/#, b]"
 
 
 # --- overrides --------------------------------------------------------------
