@@ -14,7 +14,13 @@ Databases and their bytes (all integers big-endian)::
     log.pNNN     u64 offset     -> record (pushcore.record), appended in key order
     ids          16-byte id hash -> u16 partition + u64 offset + u64 time_ms
     ids.time     u64 time_ms + id hash -> b""   (walks ids oldest first for expiry)
-    retry, dlq, cursor, session, retained   created empty for later features
+    session      client id      -> JSON session state (pushcore.broker.Session)
+    queue        u16 client id length + client id + u64 seq
+                                -> a queued delivery (pushcore.broker): u8 format,
+                                   u8 qos, u8 flags, u16 packet id, u8 n, n x u32
+                                   subscription ids, then the record bytes
+    retained     topic          -> record (the topic's retained message)
+    retry, dlq, cursor          created empty for later features
 
 Offsets are contiguous per partition from 0 and never reused: trimming
 moves the head, never the tail.  The next offset of a partition is read
@@ -34,6 +40,7 @@ the read methods, each of which uses its own read transaction.
 
 import heapq
 import itertools
+import json
 import os
 from struct import Struct
 
@@ -51,7 +58,7 @@ EXPIRE_MAX_DELETIONS = 10_000
 # Named DBs besides the partitions: meta, ids, ids.time, retry, dlq, cursor,
 # session, retained, plus headroom for later features.
 _EXTRA_DBS = 16
-_EMPTY_DBS = (b"retry", b"dlq", b"cursor", b"session", b"retained")
+_EMPTY_DBS = (b"retry", b"dlq", b"cursor")
 DURABILITY_MODES = ("fsync", "os")
 
 _U32 = Struct(">I")
@@ -59,6 +66,66 @@ _U64 = Struct(">Q")
 _ID_ENTRY = Struct(">HQQ")
 _ID_TIME = slice(10, 18)
 _PART_META = Struct(">QQ")
+
+
+# StoreOps.writes kinds.
+OP_PUT = 0
+OP_DELETE = 1
+# Delete every queue key under a prefix (value None) or the first ``value`` of them.
+OP_DELETE_PREFIX = 2
+# Queue value flags.
+QUEUE_RETAIN = 0x01
+QUEUE_SENT = 0x02
+QUEUE_RELEASED = 0x04
+QUEUE_FORMAT = 1
+_QUEUE_HEAD = Struct(">BBBHB")
+
+
+class StoreOps:
+    """Broker state to write in the next batch's transaction.
+
+    ``writes``: (OP_PUT | OP_DELETE | OP_DELETE_PREFIX, db name, key, value),
+    applied in order.  ``queued``: (item index, queue key, value), written
+    unless that item is a duplicate.  ``retained``: (item index, topic bytes,
+    record or None to clear), likewise.
+    """
+
+    __slots__ = ("writes", "queued", "retained")
+
+    def __init__(self):
+        self.writes = []
+        self.queued = []
+        self.retained = []
+
+    def __bool__(self):
+        return bool(self.writes or self.queued or self.retained)
+
+
+def queue_prefix(client_id):
+    """The queue DB key prefix of one session: u16 length + client id."""
+    raw = client_id.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def queue_key(prefix, seq):
+    return prefix + _U64.pack(seq)
+
+
+def encode_queue_value(qos, flags, packet_id, sub_ids, record):
+    head = _QUEUE_HEAD.pack(QUEUE_FORMAT, qos, flags, packet_id, len(sub_ids))
+    if sub_ids:
+        head += b"".join(_U32.pack(s) for s in sub_ids)
+    return head + record
+
+
+def decode_queue_value(value):
+    """(qos, flags, packet id, sub ids tuple, record bytes) of a queue value."""
+    version, qos, flags, packet_id, n = _QUEUE_HEAD.unpack_from(value, 0)
+    if version != QUEUE_FORMAT:
+        raise StoreError(f"unknown queue entry format {version}")
+    pos = _QUEUE_HEAD.size
+    sub_ids = tuple(_U32.unpack_from(value, pos + 4 * i)[0] for i in range(n))
+    return qos, flags, packet_id, sub_ids, bytes(value[pos + 4 * n:])
 
 
 def _part_meta_key(partition):
@@ -170,6 +237,9 @@ class Log:
                           for p in range(self.partitions)]
             self._ids = env.open_db(b"ids", txn=txn, create=create)
             self._ids_time = env.open_db(b"ids.time", txn=txn, create=create)
+            self._session = env.open_db(b"session", txn=txn, create=create)
+            self._queue = env.open_db(b"queue", txn=txn, create=create)
+            self._retained = env.open_db(b"retained", txn=txn, create=create)
             for name in _EMPTY_DBS:
                 env.open_db(name, txn=txn, create=create)
         except lmdb.NotFoundError as exc:
@@ -200,16 +270,21 @@ class Log:
         if not 0 <= partition < self.partitions:
             raise ValueError(f"partition {partition} out of range 0..{self.partitions - 1}")
 
-    def append_batch(self, items, now_ms):
+    def append_batch(self, items, now_ms, ops=None):
         """Append (partition, id_hash | None, record) items in ONE write transaction.
 
         Returns one (partition, offset, duplicate) per item, in order, only
         after the commit returned (fdatasync'd in fsync mode).  A duplicate
         points at the stored original and writes nothing.  Raises StoreFull
         (nothing written, next_offsets unchanged) when the map is exhausted.
+
+        ``ops`` (a :class:`StoreOps`) is the broker's state written in the same
+        transaction: session records, queued deliveries and retained messages.
+        A message queued for a subscriber is therefore committed exactly when
+        the publish that fills the queue is, and a duplicate fills no queue.
         """
         try:
-            return self._append_once(items, now_ms)
+            return self._append_once(items, now_ms, ops)
         except StoreFull:
             pass
         # Seen with py-lmdb 3.0 / LMDB 0.9: after retention freed pages in one large
@@ -218,7 +293,7 @@ class Log:
         # and loses the free pages it had loaded from the free list.  A small
         # committed write makes LMDB take those pages up; then the batch fits.
         self._reclaim(now_ms)
-        return self._append_once(items, now_ms)
+        return self._append_once(items, now_ms, ops)
 
     def _reclaim(self, now_ms):
         try:
@@ -227,8 +302,10 @@ class Log:
         except lmdb.MapFullError:
             pass
 
-    def _append_once(self, items, now_ms):
+    def _append_once(self, items, now_ms, ops):
         if not items:
+            if ops:
+                self._write_ops(ops, ())
             return []
         if type(items) is not list:
             items = list(items)
@@ -280,6 +357,8 @@ class Log:
                         db=self._meta)
             if new_hashes:
                 self._index_times(txn, now_ms, new_hashes, stale_time_keys)
+            if ops:
+                self._apply_ops(txn, ops, duplicates)
             txn.commit()
         except lmdb.MapFullError as exc:
             txn.abort()
@@ -294,6 +373,59 @@ class Log:
         for partition, first, rows in zip(touched, first_offsets, rows_by_slot):
             self.next_offsets[partition] = first + len(rows)
         return results
+
+    def _write_ops(self, ops, duplicates):
+        txn = self._begin_write()
+        try:
+            self._apply_ops(txn, ops, duplicates)
+            txn.commit()
+        except lmdb.MapFullError as exc:
+            txn.abort()
+            raise StoreFull(f"store at {self.path} is full (map_size"
+                            f" {self._env.info()['map_size']} bytes)") from exc
+        except lmdb.Error as exc:
+            txn.abort()
+            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+        except BaseException:
+            txn.abort()
+            raise
+
+    def _apply_ops(self, txn, ops, duplicates):
+        """Write the broker's StoreOps; entries tied to a duplicate item are skipped."""
+        dbs = {b"session": self._session, b"queue": self._queue}
+        queue_db = self._queue
+        for kind, name, key, value in ops.writes:
+            if kind == OP_PUT:
+                txn.put(key, value, db=dbs[name])
+            elif kind == OP_DELETE:
+                txn.delete(key, db=dbs[name])
+            else:
+                self._delete_prefix(txn, queue_db, key, value)
+        for index, key, value in ops.queued:
+            if index not in duplicates:
+                txn.put(key, value, db=queue_db)
+        retained_db = self._retained
+        for index, topic, record in ops.retained:
+            if index in duplicates:
+                continue
+            if record is None:
+                txn.delete(topic, db=retained_db)
+            else:
+                txn.put(topic, record, db=retained_db)
+
+    @staticmethod
+    def _delete_prefix(txn, db, prefix, limit):
+        """Delete the keys starting with ``prefix``: all of them, or the first ``limit``."""
+        cursor = txn.cursor(db)
+        deleted = 0
+        if not cursor.set_range(prefix):
+            return
+        while cursor.key()[:len(prefix)] == prefix and (limit is None or deleted < limit):
+            if not cursor.delete():
+                break
+            deleted += 1
+            if not cursor.key():
+                break
 
     def _index_times(self, txn, now_ms, new_hashes, stale_time_keys):
         """Write the ids.time entries of ids stored at ``now_ms``."""
@@ -458,6 +590,70 @@ class Log:
         with self._env.begin() as txn:
             entry = txn.get(id_hash, db=self._ids)
         return _ID_ENTRY.unpack(entry) if entry is not None else None
+
+    def sessions(self):
+        """Every stored MQTT session with its queue's size, sorted by client id."""
+        out = []
+        with self._env.begin() as txn:
+            queue = txn.cursor(self._queue)
+            for key, value in txn.cursor(self._session):
+                session = json.loads(value)
+                client = key.decode()
+                prefix = queue_prefix(client)
+                queued = queued_bytes = inflight = 0
+                if queue.set_range(prefix):
+                    for qkey, qvalue in queue:
+                        if qkey[:len(prefix)] != prefix:
+                            break
+                        queued += 1
+                        entry = decode_queue_value(qvalue)
+                        queued_bytes += len(entry[5])
+                        if entry[1] & QUEUE_SENT:
+                            inflight += 1
+                out.append({"client_id": client, "version": session["version"],
+                            "expiry": session["expiry"], "subs": session["subs"],
+                            "disconnected_ms": session.get("disconnected_ms", 0),
+                            "queued": queued, "queued_bytes": queued_bytes,
+                            "inflight": inflight})
+        return out
+
+    def queue(self, client_id, limit=None):
+        """A session's queued deliveries: (seq, qos, flags, packet id, sub ids, record)."""
+        prefix = queue_prefix(client_id)
+        out = []
+        with self._env.begin() as txn:
+            cursor = txn.cursor(self._queue)
+            if not cursor.set_range(prefix):
+                return out
+            for key, value in cursor:
+                if key[:len(prefix)] != prefix or (limit is not None and len(out) >= limit):
+                    break
+                qos, flags, packet_id, sub_ids, record = decode_queue_value(value)
+                out.append((_U64.unpack(key[len(prefix):])[0], qos, flags, packet_id,
+                            sub_ids, record))
+        return out
+
+    def load_sessions(self):
+        """(client id, session JSON dict, [(seq, queue value bytes), ...]) for each session."""
+        out = []
+        with self._env.begin() as txn:
+            queue = txn.cursor(self._queue)
+            for key, value in txn.cursor(self._session):
+                client = key.decode()
+                prefix = queue_prefix(client)
+                entries = []
+                if queue.set_range(prefix):
+                    for qkey, qvalue in queue:
+                        if qkey[:len(prefix)] != prefix:
+                            break
+                        entries.append((_U64.unpack(qkey[len(prefix):])[0], bytes(qvalue)))
+                out.append((client, json.loads(value), entries))
+        return out
+
+    def retained(self):
+        """Every retained message: {topic: record bytes}."""
+        with self._env.begin() as txn:
+            return {key.decode(): bytes(value) for key, value in txn.cursor(self._retained)}
 
     def stats(self):
         per_partition = []

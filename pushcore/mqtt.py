@@ -56,11 +56,9 @@ from .errors import (
     ProtocolError,
     ReceiveMaximumExceeded,
     SessionTakenOver,
-    TopicFilterInvalid,
     TopicAliasInvalid,
     UnsupportedProtocolVersion,
 )
-from .topics import parse_shared
 
 # MQTT 3.1.1 §3.1.2.2: protocol level 4; MQTT 5.0 §3.1.2.2: protocol version 5.
 MQTT311 = 4
@@ -73,8 +71,6 @@ PUBACK_SUCCESS = 0x00
 # MQTT 5.0 §3.9.3 / 3.1.1 §3.9.3: SUBACK failure codes.
 SUBACK_FAILURE_V3 = 0x80
 SUBACK_IMPLEMENTATION_SPECIFIC = 0x83
-SUBACK_SHARED_NOT_SUPPORTED = 0x9E
-SUBACK_WILDCARDS_NOT_SUPPORTED = 0xA2
 # MQTT 5.0 §3.11.3: UNSUBACK 0x11 No subscription existed.
 UNSUBACK_NO_SUBSCRIPTION = 0x11
 # MQTT 5.0 §3.14.2.1: 0x9B QoS not supported.
@@ -153,6 +149,15 @@ class MQTTServerConnection(ConnState):
         self.will = None
         self.max_packet_out = 268435460
         self.errors = 0
+        # The broker role (pushcore/broker.py): this client's session, and what the
+        # client allows for deliveries to it (MQTT 5.0 §3.1.2.11.3, §3.1.2.11.5).
+        self.broker = server.broker if server is not None else None
+        self.session = None
+        self.session_expiry = 0
+        self.receive_maximum_out = 65535
+        self.topic_alias_maximum_out = 0
+        self.aliases_out = {}
+        self.outbuf_high = server.outbuf_high if server is not None else 1 << 20
 
     # -- input -----------------------------------------------------------
 
@@ -216,6 +221,9 @@ class MQTTServerConnection(ConnState):
             server_keepalive = s.keepalive_max
         if props is not None:
             self.max_packet_out = props.get("maximum_packet_size", self.max_packet_out)
+            self.receive_maximum_out = props.get("receive_maximum", 65535)
+            self.topic_alias_maximum_out = props.get("topic_alias_maximum", 0)
+        requested_expiry = props.get("session_expiry_interval", 0) if props is not None else 0
         if p.will is not None and p.will.qos > s.max_qos:
             # MQTT 5.0 §3.2.2.2: a Will QoS above Maximum QoS is CONNACK 0x9B.
             raise MQTTError("will QoS above the server's maximum", QOS_NOT_SUPPORTED)
@@ -223,15 +231,18 @@ class MQTTServerConnection(ConnState):
         self.state = STATE_CONNECTED
         if self.server is not None:
             self.server.connected(self)
+        present = False
+        broker = self.broker
+        if broker is not None:
+            self.session_expiry = broker.session_expiry_for(self.version, p.clean_start,
+                                                            requested_expiry)
+            present = broker.connect(self, p.clean_start, self.session_expiry,
+                                     self.ingest.now_ms)
         if self.version == MQTT5:
             cprops = {
                 "receive_maximum": s.receive_maximum,
                 "maximum_packet_size": s.max_packet_size,
                 "topic_alias_maximum": s.topic_alias_maximum,
-                # Subscriptions arrive with the broker role; until then say so up front.
-                "wildcard_subscription_available": 0,
-                "subscription_identifier_available": 0,
-                "shared_subscription_available": 0,
             }
             if s.max_qos < 2:
                 cprops["maximum_qos"] = s.max_qos
@@ -239,13 +250,14 @@ class MQTTServerConnection(ConnState):
                 cprops["server_keep_alive"] = server_keepalive
             if assigned is not None:
                 cprops["assigned_client_identifier"] = assigned
-            if props is not None and props.get("session_expiry_interval", 0) > 0:
-                # MQTT 5.0 §3.2.2.3.2: no session outlives its connection yet, so say so;
-                # otherwise the client's interval would stand (and with it a Will Delay).
-                cprops["session_expiry_interval"] = 0
-            self.out += encode(Connack(False, 0, cprops), MQTT5)
+            if self.session_expiry != requested_expiry:
+                # MQTT 5.0 §3.2.2.3.2: sessions.max_expiry shortened the client's interval.
+                cprops["session_expiry_interval"] = self.session_expiry
+            self.out += encode(Connack(present, 0, cprops), MQTT5)
         else:
-            self.out += encode(Connack(False, 0, None), MQTT311)
+            self.out += encode(Connack(present, 0, None), MQTT311)
+        if broker is not None:
+            broker.resume(self.session)
 
     def handle_publish(self, p):
         if self.state != STATE_CONNECTED:
@@ -347,26 +359,58 @@ class MQTTServerConnection(ConnState):
     def handle_subscribe(self, p):
         if self.state != STATE_CONNECTED:
             raise ProtocolError("SUBSCRIBE before CONNECT")
-        if self.version == MQTT5:
-            props = {"reason_string": "subscriptions are not supported yet"}
-            if not self.problem_information or not self._fits(props):
-                props = None
-            codes = [_suback_refusal_v5(f) for f, _options in p.subscriptions]
-            self.out += encode(Suback(p.packet_id, codes, props), MQTT5)
+        broker = self.broker
+        if broker is None:
+            # A protocol object without a server (codec tests): no broker to subscribe to.
+            codes = [SUBACK_IMPLEMENTATION_SPECIFIC if self.version == MQTT5
+                     else SUBACK_FAILURE_V3] * len(p.subscriptions)
+            self.out += encode(Suback(p.packet_id, codes, None), self.version)
+            return
+        sub_id = 0
+        if p.properties:
+            ids = p.properties.get("subscription_identifier")
+            if ids:
+                sub_id = ids[0] if isinstance(ids, list) else ids
+        session = self.session
+        codes, retained = broker.subscribe(session, p.subscriptions, sub_id, self.ingest.now_ms)
+        suback = encode(Suback(p.packet_id, codes, None), self.version)
+        if session.persistent:
+            # The subscription is part of the stored session: SUBACK only once the
+            # session record holding it is committed, like a PUBACK.
+            self.server.after_commit(self._suback_committed, suback, retained)
         else:
-            n = len(p.subscriptions)
-            self.out += encode(Suback(p.packet_id, [SUBACK_FAILURE_V3] * n, None), MQTT311)
+            self.out += suback
+            broker.queue_retained(session, retained)
+
+    def _suback_committed(self, suback, retained):
+        if self.state == STATE_CLOSED:
+            return
+        self.out += suback
+        self.broker.queue_retained(self.session, retained)
+        self.transport.flush()
 
     def handle_unsubscribe(self, p):
         if self.state != STATE_CONNECTED:
             raise ProtocolError("UNSUBSCRIBE before CONNECT")
-        if self.version == MQTT5:
+        if self.broker is None:
             codes = [UNSUBACK_NO_SUBSCRIPTION] * len(p.filters)
+        else:
+            codes = self.broker.unsubscribe(self.session, p.filters)
+        if self.version == MQTT5:
             self.out += encode(Unsuback(p.packet_id, codes, None), MQTT5)
         else:
             self.out += encode(Unsuback(p.packet_id, [], None), MQTT311)
 
     def handle_disconnect(self, p):
+        if self.version == MQTT5 and p.properties and self.session is not None:
+            expiry = p.properties.get("session_expiry_interval")
+            if expiry is not None:
+                if self.session_expiry == 0 and expiry != 0:
+                    # MQTT 5.0 §3.14.2.2.2 [MQTT-3.14.2-2]: a session that was to end
+                    # with the connection cannot be extended at DISCONNECT.
+                    raise ProtocolError("session expiry set at DISCONNECT after 0 at CONNECT")
+                self.session_expiry = expiry
+                self.broker.set_expiry(self.session, expiry)
         if self.version == MQTT311 or p.reason_code == DISCONNECT_NORMAL:
             # MQTT 3.1.1 §3.14.4 / 5.0 §3.14.4 [MQTT-3.14.4-3]: only a normal DISCONNECT
             # (v5 reason 0x00) discards the Will; 0x04 and the error codes keep it.
@@ -376,10 +420,28 @@ class MQTTServerConnection(ConnState):
         self.state = STATE_CLOSED
         self.close_after_flush = True
 
-    def handle_ack_from_client(self, p):
-        # PUBACK/PUBREC/PUBCOMP answer deliveries, which start with the broker role;
-        # until then the server never sent a PUBLISH, so any such ack is unexpected.
-        raise ProtocolError(f"unexpected packet type {p.type}")
+    def handle_puback(self, p):
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2) for a delivery: it is done."""
+        if self.state != STATE_CONNECTED or self.broker is None:
+            raise ProtocolError(f"unexpected packet type {p.type}")
+        if not self.broker.puback(self.session, p.packet_id):
+            # MQTT 5.0 §4.3: an ack for an id not in flight (a late duplicate) is ignored.
+            self.server.metrics["acks_unknown_packet_id"] += 1
+
+    def handle_pubrec(self, p):
+        if self.state != STATE_CONNECTED or self.broker is None:
+            raise ProtocolError(f"unexpected packet type {p.type}")
+        if p.reason_code >= 0x80:
+            # MQTT 5.0 §4.3.3: a PUBREC with a failure code ends the flow; no PUBREL.
+            self.broker.pubrec_refused(self.session, p.packet_id)
+            return
+        if self.broker.pubrec(self.session, p.packet_id):
+            self.out += encode_ack(_frame.PUBREL, p.packet_id, 0, self.version)
+        elif self.version == MQTT5:
+            # MQTT 5.0 §3.6.2.1: 0x92 Packet Identifier not found.
+            self.out += encode_ack(_frame.PUBREL, p.packet_id, 0x92, MQTT5)
+        else:
+            self.out += encode_ack(_frame.PUBREL, p.packet_id, 0, MQTT311)
 
     def handle_unexpected(self, p):
         # MQTT 5.0 §4.13: a packet only the server sends is a Protocol Error.
@@ -392,10 +454,10 @@ class MQTTServerConnection(ConnState):
         _frame.CONNECT: handle_connect,
         _frame.CONNACK: handle_unexpected,
         _frame.PUBLISH: handle_publish,
-        _frame.PUBACK: handle_ack_from_client,
-        _frame.PUBREC: handle_ack_from_client,
+        _frame.PUBACK: handle_puback,
+        _frame.PUBREC: handle_pubrec,
         _frame.PUBREL: handle_pubrel,
-        _frame.PUBCOMP: handle_ack_from_client,
+        _frame.PUBCOMP: handle_puback,
         _frame.SUBSCRIBE: handle_subscribe,
         _frame.SUBACK: handle_unexpected,
         _frame.UNSUBSCRIBE: handle_unsubscribe,
@@ -467,32 +529,26 @@ class MQTTServerConnection(ConnState):
         self._fail(SessionTakenOver("session taken over"))
 
     def connection_lost(self):
-        """The network connection is gone; store the Will Message if one is due.
+        """The network connection is gone; publish the Will Message if one is due.
 
         MQTT 3.1.1 §3.1.2.5 / 5.0 §3.1.2.5: unless the client ended with a
         normal DISCONNECT, its Will Message is published when the connection
-        closes (keepalive lapse, protocol error, socket error, takeover).  With
-        no session kept after the connection (Session Expiry 0), a Will Delay
-        Interval ends with the session, at once.  Published here means stored
-        in the log like a QoS 0 publish from this client: it has no ack to
-        wait for.
+        closes (keepalive lapse, protocol error, socket error, takeover).
+        MQTT 5.0 §3.1.3.2.2: with a Will Delay Interval and a session that
+        outlives the connection, it waits that long (at most until the session
+        ends) and is not published if the client reconnects in time.
+        Published means stored in the log like a QoS 0 publish from this
+        client (no ack to wait for), then routed to subscribers.
         """
         will = self.will
         if will is None:
             return
         self.will = None
-        msg_id = key = None
-        raw_props = b""
-        props = will.properties
-        if props:
-            props = {k: v for k, v in props.items() if k != "will_delay_interval"}
-            user = props.get("user_property")
-            if user:
-                msg_id, key = _id_and_key(user, self.settings)
-            if props:
-                raw_props = encode_properties(props)
-        self.ingest.add(will.topic, will.payload, will.qos, will.retain, msg_id, key,
-                        self.client_id, raw_props, None, 0)
+        delay = will.properties.get("will_delay_interval", 0) if will.properties else 0
+        if delay and self.broker is not None and self.session_expiry:
+            self.broker.delay_will(self.client_id, will, delay)
+        else:
+            publish_will(self.ingest, self.settings, self.client_id, will)
 
     def discard_will(self):
         """The server is shutting down: no Will (the client reconnects to a new run)."""
@@ -536,6 +592,22 @@ class MQTTServerConnection(ConnState):
         self.close_after_flush = True
 
 
+def publish_will(ingest, settings, client_id, will):
+    """Add a Will Message to the pending batch, as a publish from ``client_id``."""
+    msg_id = key = None
+    raw_props = b""
+    props = will.properties
+    if props:
+        props = {k: v for k, v in props.items() if k != "will_delay_interval"}
+        user = props.get("user_property")
+        if user:
+            msg_id, key = _id_and_key(user, settings)
+        if props:
+            raw_props = encode_properties(props)
+    ingest.add(will.topic, will.payload, will.qos, will.retain, msg_id, key, client_id,
+               raw_props, None, 0)
+
+
 def _id_and_key(user_properties, settings):
     """The message id and ordering key among a message's user properties (bytes or None)."""
     msg_id = key = None
@@ -547,21 +619,6 @@ def _id_and_key(user_properties, settings):
         elif name == key_name:
             key = value.encode()
     return msg_id, key
-
-
-def _suback_refusal_v5(topic_filter):
-    """The most precise MQTT 5.0 §3.9.3 refusal for one filter, until subscriptions land."""
-    try:
-        share, inner = parse_shared(topic_filter)
-    except TopicFilterInvalid:
-        return TopicFilterInvalid.reason_code
-    if share is not None:
-        # CONNACK said Shared Subscription Available = 0.
-        return SUBACK_SHARED_NOT_SUPPORTED
-    if "+" in inner or "#" in inner:
-        # CONNACK said Wildcard Subscription Available = 0.
-        return SUBACK_WILDCARDS_NOT_SUPPORTED
-    return SUBACK_IMPLEMENTATION_SPECIFIC
 
 
 def _is_utf8(payload):

@@ -249,12 +249,27 @@ class Connection:
             self.writing = False
             self.server.loop.remove_writer(self.fd)
 
+    def deliver(self):
+        """Send the session's queued deliveries as far as its window and the socket take."""
+        session = self.proto.session
+        while not self.closed and session is not None:
+            blocked = self.server.broker.pump(session)
+            self.flush()
+            if not blocked or self.proto.out:
+                return
+
     def on_writable(self):
         self.flush()
         if self.closed:
             return
-        if self.paused & PAUSE_OUTBUF and len(self.proto.out) <= self.server.outbuf_low:
-            self.resume(PAUSE_OUTBUF)
+        if len(self.proto.out) <= self.server.outbuf_low:
+            session = self.proto.session
+            if session is not None and session.queue:
+                self.deliver()
+                if self.closed:
+                    return
+            if self.paused & PAUSE_OUTBUF:
+                self.resume(PAUSE_OUTBUF)
         if not self.proto.out and self.proto.close_after_flush:
             self.close(self.proto.close_reason)
 

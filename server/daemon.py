@@ -27,8 +27,9 @@ import time
 
 from pushcore.errors import QuotaExceeded, StoreFull
 from pushcore._ingest import RESEND_OF_REFUSED, Batch, Ingest, ack_committed, count_duplicates
-from pushcore.log import Log
-from pushcore.mqtt import MQTT5, STATE_CLOSED, MQTTSettings
+from pushcore.broker import Broker, BrokerSettings
+from pushcore.log import Log, StoreOps
+from pushcore.mqtt import MQTT5, STATE_CLOSED, MQTTSettings, publish_will
 
 from . import systemd
 from .connection import PAUSE_DRAIN, PAUSE_GLOBAL, PAUSE_STORE, Connection, set_nodelay
@@ -92,11 +93,11 @@ class Writer:
             self.thread = threading.Thread(target=self._run, name="pushcore-writer", daemon=True)
             self.thread.start()
 
-    def append(self, batch, now_ms, done):
+    def append(self, batch, ops, now_ms, done):
         if self.inline:
-            done(batch, *self._call(self.store.append_batch, batch.items, now_ms))
+            done(batch, *self._call(self.store.append_batch, (batch.items, ops), now_ms))
             return
-        self.jobs.put((self.store.append_batch, batch.items, now_ms, batch, done))
+        self.jobs.put((self.store.append_batch, (batch.items, ops), now_ms, batch, done))
 
     def expire(self, now_ms, done):
         if self.inline:
@@ -106,7 +107,7 @@ class Writer:
             return
         self.jobs.put((self._expire, None, now_ms, None, done))
 
-    def _expire(self, _items, now_ms):
+    def _expire(self, _args, now_ms):
         if self.inline:
             # On the loop thread a job is kept small: it runs between two polls.
             return self.store.expire(now_ms, INLINE_EXPIRE_MAX)
@@ -122,14 +123,17 @@ class Writer:
             job = self.jobs.get()
             if job is None:
                 return
-            fn, items, now_ms, batch, done = job
-            self.loop.call_soon_threadsafe(done, batch, *self._call(fn, items, now_ms))
+            fn, args, now_ms, batch, done = job
+            self.loop.call_soon_threadsafe(done, batch, *self._call(fn, args, now_ms))
 
     @staticmethod
-    def _call(fn, items, now_ms):
+    def _call(fn, args, now_ms):
         """Run one job: (result, None), or (None, error) when it failed."""
         try:
-            return fn(items, now_ms), None
+            if args is None:
+                return fn(None, now_ms), None
+            items, ops = args
+            return fn(items, now_ms, ops), None
         except StoreFull as err:
             return None, err
         except Exception as err:  # a bug or a disk error: the batch is not acked
@@ -185,6 +189,25 @@ class Server:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4)
         self.writer = Writer(self.store, self.loop, inline=st.durability == "os")
+        self.broker = Broker(
+            BrokerSettings(
+                max_qos=m.max_qos,
+                max_inflight_out=m.max_inflight_out,
+                max_queued_messages=cfg.sessions.max_queued_messages,
+                max_queued_bytes=cfg.sessions.max_queued_bytes,
+                queue_full=cfg.sessions.queue_full,
+                queue_qos0=cfg.sessions.queue_qos0,
+                max_expiry=cfg.sessions.max_expiry,
+                subscribe_deny=m.subscribe_deny,
+            ),
+            self.metrics, self.loop.call_later, self._publish_will)
+        self.broker.load(self.store, int(time.time() * 1000))
+        # What the batch being committed carries besides its records: the broker's
+        # routes and store writes, and the callbacks waiting for the commit.
+        self.committing_routes = {}
+        self.committing_ops = None
+        self.committing_callbacks = []
+        self.callbacks = []
         self.loop.add_before_sleep(self.before_sleep)
 
     # -- listener -------------------------------------------------------------
@@ -256,12 +279,20 @@ class Server:
         proto = conn.proto
         if self.clients.get(proto.client_id) is proto:
             del self.clients[proto.client_id]
+        self.broker.disconnected(proto, int(time.time() * 1000))
         if isinstance(reason, Exception):
             self.metrics[f"protocol_errors_0x{getattr(reason, 'reason_code', 0x80):02x}"] += 1
             log.info("closed %s (%s): %s [reason 0x%02x]", proto.client_id or "-", _peer(conn.peer),
                      reason, getattr(reason, "reason_code", 0x80))
         else:
             log.debug("closed %s (%s): %s", proto.client_id or "-", _peer(conn.peer), reason)
+
+    def after_commit(self, fn, *args):
+        """Call ``fn(*args)`` once everything handled so far is committed."""
+        self.callbacks.append((fn, args))
+
+    def _publish_will(self, client_id, will):
+        publish_will(self.ingest, self.mqtt_settings, client_id, will)
 
     # -- group commit ------------------------------------------------------------
 
@@ -270,8 +301,8 @@ class Server:
         ingest = self.ingest
         ingest.now_ms = int(time.time() * 1000)
         batch = ingest.batch
-        if (len(batch) or self.store_held is not None) and self.committing is None \
-                and self.loop.time() >= self.store_full_until:
+        if (len(batch) or self.store_held is not None or self.broker.ops or self.callbacks) \
+                and self.committing is None and self.loop.time() >= self.store_full_until:
             self._submit()
         elif (len(batch.items) >= self.batch_max_messages or batch.nbytes >= self.batch_max_bytes) \
                 and not self.global_paused:
@@ -297,28 +328,45 @@ class Server:
         else:
             batch = self.ingest.take()
         self.committing = batch
-        self.writer.append(batch, self.ingest.now_ms, self._committed)
+        now_ms = self.ingest.now_ms
+        # Routing before the commit: a persistent subscriber's copy is written in the
+        # same transaction as the message (pushcore/broker.py).
+        self.committing_routes = self.broker.route(batch.items, now_ms)
+        ops = self.committing_ops = self.broker.take_ops()
+        self.committing_callbacks, self.callbacks = self.callbacks, []
+        self.writer.append(batch, ops if ops else None, now_ms, self._committed)
 
     def _committed(self, batch, results, error):
         """The writer finished a batch: ack it (or refuse it), then go on."""
         self.committing = None
+        routes, self.committing_routes = self.committing_routes, {}
+        ops, self.committing_ops = self.committing_ops, None
+        callbacks, self.committing_callbacks = self.committing_callbacks, []
         if error is None:
             self._ack(batch, results)
+            self.broker.committed(routes, results)
+            for fn, args in callbacks:
+                fn(*args)
+            for proto in self.broker.flush_dirty():
+                proto.transport.deliver()
         else:
+            self.broker.refused(routes, ops or StoreOps())
+            self.callbacks[:0] = callbacks
             self._refuse(batch, error)
         if self.global_paused:
             self.global_paused = False
             paused, self.globally_paused = self.globally_paused, set()
             for conn in paused:
                 conn.resume(PAUSE_GLOBAL)
-        if len(self.ingest.batch) and self.loop.time() >= self.store_full_until:
+        if (len(self.ingest.batch) or self.broker.ops or self.callbacks) \
+                and self.loop.time() >= self.store_full_until:
             self._submit()
         elif self.draining and self.store_held is not None:
             # Draining with a full store: the held 3.1.1 messages were never acked;
             # their publishers resend them after the restart.
             self.store_held = None
             self._finish_drain()
-        elif self.draining and not len(self.ingest.batch):
+        elif self.draining and not len(self.ingest.batch) and not self.broker.ops:
             self._finish_drain()
 
     def _ack(self, batch, results):
@@ -396,7 +444,8 @@ class Server:
                 waiters[i] = (proto, packet_id, qos, RESEND_OF_REFUSED)
 
     def _retry_store(self):
-        if self.committing is None and (self.store_held is not None or len(self.ingest.batch)):
+        if self.committing is None and (self.store_held is not None or len(self.ingest.batch)
+                                        or self.broker.ops or self.callbacks):
             self._submit()
 
     def _start_expire(self):
@@ -477,7 +526,8 @@ class Server:
             self.listener.close()
         for conn in list(self.conns.values()):
             conn.pause(PAUSE_DRAIN)
-        if self.committing is None and not len(self.ingest.batch):
+        self.broker.discard_pending_wills()
+        if self.committing is None and not len(self.ingest.batch) and not self.broker.ops:
             self._finish_drain()
         elif self.committing is None:
             self._submit()

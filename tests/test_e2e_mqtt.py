@@ -151,8 +151,9 @@ def test_session_takeover_v5(daemon):
     second.loop_stop()
 
 
-def test_subscribe_is_refused_until_broker_role(daemon):
+def test_subscribe_granted_and_delivered_v311(daemon):
     granted = []
+    got = []
     done = threading.Event()
 
     def on_subscribe(client, userdata, mid, reason_codes, properties):
@@ -161,10 +162,16 @@ def test_subscribe_is_refused_until_broker_role(daemon):
 
     c = paho_client(daemon, 4, client_id="sub311")
     c.on_subscribe = on_subscribe
+    c.on_message = lambda client, userdata, m: got.append((m.topic, m.payload, m.qos))
     wait_connected(c)
     c.subscribe("a/#", qos=1)
     assert done.wait(5)
-    assert [rc.value for rc in granted] == [0x80]
+    assert [rc.value for rc in granted] == [1]
+    c.publish("a/b", b"hello", qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert got == [("a/b", b"hello", 1)]
     c.disconnect()
     c.loop_stop()
 
@@ -496,10 +503,22 @@ def test_will_kept_by_v5_disconnect_with_an_error_code(daemon):
     assert set(wills(daemon)) == {"wills/rc80", "wills/rc83"}
 
 
-def test_connack_says_no_session_outlives_the_connection(daemon):
-    s = raw(daemon)
-    s.sendall(_frame.encode(_frame.Connect(client_id="expiring", protocol_level=5,
-                                           properties={"session_expiry_interval": 3600}), 5))
-    (connack,) = read_packets(s, 5)
-    assert connack.reason_code == 0 and not connack.session_present
-    assert connack.properties["session_expiry_interval"] == 0
+def test_connack_session_present_only_for_a_kept_session(daemon):
+    def connect(clean_start, expiry):
+        s = raw(daemon)
+        s.sendall(_frame.encode(_frame.Connect(client_id="expiring", protocol_level=5,
+                                               clean_start=clean_start,
+                                               properties={"session_expiry_interval": expiry}), 5))
+        (connack,) = read_packets(s, 5)
+        s.sendall(_frame.encode(_frame.Disconnect(0), 5))
+        assert closed_by_server(s)
+        assert connack.reason_code == 0
+        # The server keeps the interval asked for (sessions.max_expiry is 0, no cap).
+        assert "session_expiry_interval" not in (connack.properties or {})
+        return connack.session_present
+
+    assert connect(True, 3600) is False
+    # MQTT 5.0 §3.2.2.1.1: Clean Start 0 and a stored session: Session Present 1.
+    assert connect(False, 0) is True
+    # That connection ended its session (expiry 0): nothing to resume now.
+    assert connect(False, 0) is False
