@@ -6,8 +6,13 @@ ports, runs every scenario against each in turn, prints a table with the
 ratios and writes it to bench/RESULTS.md.  Nothing here asserts a time: these
 machines are shared and noisy; compare within one run.
 
-    ./run bench              # full run (a few minutes)
-    ./run bench --quick      # shorter scenarios, for a smoke check
+    ./run bench                          # full run (a few minutes)
+    ./run bench --quick                  # shorter scenarios, for a smoke check
+    ./run bench --only fan-in,fan-out    # a subset; prints, leaves RESULTS.md alone
+
+A scenario that fails on one broker (a refused SUBSCRIBE, a lost connection, a
+timeout) is reported as failed, with the reason, in its own cells; the rest of
+the run goes on.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -104,8 +110,14 @@ def start_mosquitto(exe, workdir):
     port = free_port()
     conf = os.path.join(workdir, "mosquitto.conf")
     with open(conf, "w") as f:
+        # Queue limits are per subscriber and both brokers drop (or refuse) QoS 1 messages past
+        # them: fan-in publishers outrun their one subscriber, so the limit must hold the whole
+        # run (as in start_pushcore), or the delivered rate would be that of a lossy run.  The
+        # in-flight window to a subscriber is pushcore's default (mqtt.max_inflight_out 32),
+        # the publishers' window too, instead of Mosquitto's 20.
         f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-                "persistence false\nmax_queued_messages 100000\nlog_type error\n")
+                "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 32\n"
+                "log_type error\n")
     return Broker("mosquitto", [exe, "-c", conf], port, workdir).start()
 
 
@@ -114,8 +126,9 @@ def start_pushcore(workdir, durability):
     data = tempfile.mkdtemp(prefix="pushcore-bench-", dir=workdir)
     conf = os.path.join(workdir, "pushcore.yaml")
     with open(conf, "w") as f:
+        # sessions.max_queued_messages: the same per-subscriber queue limit as Mosquitto's.
         f.write("log:\n  level: warning\nstorage:\n  map_size: 8GiB\n"
-                "mqtt:\n  max_connections: 20000\n")
+                "mqtt:\n  max_connections: 20000\nsessions:\n  max_queued_messages: 1000000\n")
     argv = [sys.executable, "-m", "server.cli", "serve", "-c", conf, "--data", data,
             "--mqtt", f"127.0.0.1:{port}", "--durability", durability]
     return Broker("pushcore", argv, port, workdir).start()
@@ -157,22 +170,206 @@ def idle_connections(port, count, timeout=120):
     return socks, ok
 
 
+def recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("broker closed the connection")
+        data += chunk
+    return data
+
+
+def suback_codes(port, topic_filter, qos, timeout=10):
+    """Subscribe once with a bare MQTT 3.1.1 client; return the SUBACK return codes.
+
+    mqttload -S takes any SUBACK as success, so against a broker that refuses the
+    filter its subscriber would wait for messages that never come.  This probe
+    turns that case into an immediate failure that names the return code.
+    """
+    def packet(first_byte, body):
+        # MQTT 3.1.1 §2.2.3: a remaining length under 128 takes one byte, all these need.
+        if len(body) >= 128:
+            raise ValueError("probe packet too long for a one-byte remaining length")
+        return bytes([first_byte, len(body)]) + body
+
+    cid = f"bench-probe-{os.getpid()}".encode()
+    # MQTT 3.1.1 §3.1.2: protocol name, level 4, flags 0x02 (clean session), keep alive 60 s.
+    connect = packet(0x10, b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid)
+    flt = topic_filter.encode()
+    # MQTT 3.1.1 §3.8.2-3: packet identifier 1, one filter and its requested QoS.
+    subscribe = packet(0x82, b"\x00\x01" + len(flt).to_bytes(2, "big") + flt + bytes([qos]))
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(connect)
+        connack = recv_exact(s, 4)
+        if connack[0] != 0x20 or connack[3] != 0:
+            raise RuntimeError(f"probe refused, CONNACK {connack.hex()}")
+        s.sendall(subscribe)
+        head = recv_exact(s, 2)
+        if head[0] != 0x90:
+            raise RuntimeError(f"probe expected SUBACK, got packet type {head[0] >> 4}")
+        suback = recv_exact(s, head[1])
+        s.sendall(b"\xe0\x00")
+    return list(suback[2:])
+
+
+def read_until_ready(proc, timeout):
+    """Read a subscriber mqttload's stdout up to its {"ready":true} line.
+
+    Reads the raw descriptor, not the buffered file object, so that a later
+    communicate() sees every byte that follows.  Returns (ready, lines seen).
+    """
+    fd = proc.stdout.fileno()
+    pending, seen = b"", []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False, seen
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return False, seen
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            seen.append(line.decode(errors="replace"))
+            if line.strip() == b'{"ready":true}':
+                return True, seen
+
+
+def last_words(*texts):
+    for text in texts:
+        text = (text or "").strip()
+        if text:
+            return text.splitlines()[-1][-200:]
+    return "no output"
+
+
+# The subscriber exits this long after its last message, and does not count it in its time.
+SUB_IDLE_S = 2
+# A subscriber may lag the publishers' acks (brokers ack, then deliver a backlog); how long
+# it may take, past its idle exit, before the run is called failed: this many seconds
+# plus the publishing time thrice over.
+SUB_GRACE_S = 60
+
+
+def fan(exe, port, subscribers, publishers, published):
+    """One fan-in or fan-out run, QoS 1 end to end, 64-byte payloads.
+
+    Starts one mqttload -S with `subscribers` connections on a fresh topic, waits
+    for its ready line, then publishes `published` messages in all from
+    `publishers` connections (window 32), and returns the subscriber's JSON line:
+    its `rate` is delivered messages/s summed over its connections, from ready to
+    the last message; its percentiles are publish->delivery latencies, from the
+    timestamp the publisher puts in the payload.  {"error": reason} instead when
+    anything fails, or when the subscribers did not receive exactly as many
+    messages as were sent to them.
+    """
+    topic = f"bench/fan/{os.getpid()}-{time.monotonic_ns()}"
+    codes = suback_codes(port, f"{topic}/#", 1)
+    if any(code >= 0x80 for code in codes):
+        return {"error": f"broker refused SUBSCRIBE (SUBACK return code {codes[0]:#04x})"}
+    expected = subscribers * published
+    base = [exe, "-h", "127.0.0.1", "-p", str(port), "-t", topic, "-q", "1", "-s", "64"]
+    # -n on the subscriber only sizes its latency sample buffer: one slot per expected message.
+    sub_argv = base + ["-S", "-c", str(subscribers), "-n", str(expected), "-i", str(SUB_IDLE_S)]
+    with subprocess.Popen(sub_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as sub:
+        try:
+            ready, seen = read_until_ready(sub, timeout=30)
+            if not ready:
+                sub.kill()
+                out, err = sub.communicate(timeout=10)
+                return {"error": f"subscriber not ready: {last_words(err, out, *seen[-1:])}"}
+            pub = mqttload(exe, port, ["-t", topic, "-c", str(publishers), "-n", str(published),
+                                       "-q", "1", "-s", "64", "-w", "32"])
+            if "error" in pub:
+                return {"error": f"publisher: {pub['error']}"}
+            wait = SUB_IDLE_S + SUB_GRACE_S + 3 * pub["secs"]
+            try:
+                out, err = sub.communicate(timeout=wait)
+            except subprocess.TimeoutExpired:
+                return {"error": f"subscriber not done {wait:.0f} s after the publisher's last ack "
+                                 "(nothing received, or still receiving)"}
+        finally:
+            if sub.poll() is None:
+                sub.kill()
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if sub.returncode != 0 or not lines:
+        return {"error": f"subscriber exit {sub.returncode}: {last_words(err, out)}"}
+    result = json.loads(lines[-1])
+    result["expected"] = expected
+    if result["received"] != expected:
+        result["error"] = f"delivered {result['received']:,} of {expected:,}"
+    return result
+
+
 def scenario_table(quick):
-    """(load arguments, [(row title, mqttload field)]) per scenario."""
+    """[(name, run(exe, port) -> result, [(row title, result field)])], in table order."""
     n = 100_000 if quick else 400_000
     secs = "5" if quick else "10"
+    fan_in = 40_000 if quick else 200_000
+    fan_out = 4_000 if quick else 20_000
+
+    def load(*args):
+        return lambda exe, port: mqttload(exe, port, list(args))
+
     return [
-        (["-c", "16", "-n", str(n), "-q", "1", "-s", "64", "-w", "32"],
+        ("qos1", load("-c", "16", "-n", str(n), "-q", "1", "-s", "64", "-w", "32"),
          [("QoS 1, 64 B, 16 conns, window 32: acked msg/s", "rate")]),
-        (["-c", "16", "-n", str(n // 2), "-q", "2", "-s", "64", "-w", "32"],
+        ("qos2", load("-c", "16", "-n", str(n // 2), "-q", "2", "-s", "64", "-w", "32"),
          [("QoS 2, 64 B, 16 conns, window 32: acked msg/s", "rate")]),
-        (["-c", "16", "-d", secs, "-r", "50000", "-q", "1", "-s", "64", "-w", "32"],
+        ("latency-50k", load("-c", "16", "-d", secs, "-r", "50000", "-q", "1", "-s", "64", "-w", "32"),
          [("QoS 1 at fixed 50,000 msg/s: ack p50 (µs)", "p50_us"),
           ("QoS 1 at fixed 50,000 msg/s: ack p99 (µs)", "p99_us")]),
-        (["-c", "16", "-d", secs, "-r", "5000", "-q", "1", "-s", "64", "-w", "32"],
+        ("latency-5k", load("-c", "16", "-d", secs, "-r", "5000", "-q", "1", "-s", "64", "-w", "32"),
          [("QoS 1 at fixed 5,000 msg/s: ack p50 (µs)", "p50_us"),
           ("QoS 1 at fixed 5,000 msg/s: ack p99 (µs)", "p99_us")]),
+        ("fan-in", lambda exe, port: fan(exe, port, subscribers=1, publishers=16, published=fan_in),
+         [(f"Fan-in, 16 publishers → 1 subscriber, {fan_in:,} msgs, QoS 1, 64 B, window 32: "
+           "delivered msg/s", "rate"),
+          ("Fan-in: publish→delivery p50 (µs)", "p50_us"),
+          ("Fan-in: publish→delivery p99 (µs)", "p99_us")]),
+        ("fan-out", lambda exe, port: fan(exe, port, subscribers=16, publishers=1, published=fan_out),
+         [(f"Fan-out, 1 publisher → 16 subscribers, {fan_out:,} msgs × 16, QoS 1, 64 B, window 32: "
+           "delivered msg/s", "rate"),
+          ("Fan-out: publish→delivery p50 (µs)", "p50_us"),
+          ("Fan-out: publish→delivery p99 (µs)", "p99_us")]),
     ]
+
+
+IDLE = "idle"
+
+
+def run_on(broker_name, start, run, exe):
+    """Start a fresh broker, run one scenario against it, stop it; errors become results."""
+    try:
+        broker = start()
+    except (OSError, RuntimeError) as e:
+        return {"error": f"{broker_name} did not start: {e}"}
+    try:
+        return run(exe, broker.port)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        broker.stop()
+
+
+def summarize(runs, field):
+    """(median of `field` over the runs that succeeded or None, note on those that failed)."""
+    values = [r[field] for r in runs if "error" not in r]
+    errors = [r["error"] for r in runs if "error" in r]
+    if not errors:
+        return statistics.median(values), ""
+    if not values:
+        return None, f"failed: {errors[0]}"
+    return statistics.median(values), f"{len(errors)} of {len(runs)} runs failed: {errors[0]}"
+
+
+def cell(value, note):
+    # A reason may quote a broker or tool: keep it on one table line, without column breaks.
+    note = " ".join(note.replace("|", "/").split())
+    if value is None:
+        return note
+    return f"{value:,.0f}" + (f" ({note})" if note else "")
 
 
 def main():
@@ -181,55 +378,60 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="runs per scenario and broker; median kept")
     ap.add_argument("--idle", type=int, default=10_000, help="idle connections for the RSS measure")
     ap.add_argument("--durability", default="fsync", choices=["fsync", "os"])
+    ap.add_argument("--only", metavar="NAMES",
+                    help="comma-separated scenarios to run (qos1, qos2, latency-50k, latency-5k, "
+                         "fan-in, fan-out, idle); the table is printed, RESULTS.md left as it is")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
         args.idle = min(args.idle, 2000)
+    scenarios = scenario_table(args.quick)
+    known = [name for name, _run, _measures in scenarios] + [IDLE]
+    only = set(args.only.split(",")) if args.only else set(known)
+    if only - set(known):
+        ap.error(f"unknown scenario(s) {', '.join(sorted(only - set(known)))}; known: {', '.join(known)}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     exe = build_mqttload()
     mosq_exe = ensure_mosquitto()
     workdir = tempfile.mkdtemp(prefix="pushcore-bench-")
+    starters = {"mosquitto": lambda: start_mosquitto(mosq_exe, workdir),
+                "pushcore": lambda: start_pushcore(workdir, args.durability)}
     rows = []
     try:
-        for sargs, measures in scenario_table(args.quick):
+        for name, run, measures in scenarios:
+            if name not in only:
+                continue
             runs = {"mosquitto": [], "pushcore": []}
             for round_no in range(args.rounds):
                 # Alternate which broker goes first so drift on a noisy machine is shared.
                 order = ("mosquitto", "pushcore") if round_no % 2 == 0 else ("pushcore", "mosquitto")
-                for name in order:
-                    broker = start_mosquitto(mosq_exe, workdir) if name == "mosquitto" else \
-                        start_pushcore(workdir, args.durability)
-                    try:
-                        r = mqttload(exe, broker.port, sargs)
-                    finally:
-                        broker.stop()
-                    runs[name].append(r)
-                    print(f"  {' '.join(sargs)} [{name}]: {json.dumps(r)}", file=sys.stderr)
+                for broker_name in order:
+                    r = run_on(broker_name, starters[broker_name], run, exe)
+                    runs[broker_name].append(r)
+                    print(f"  {name} [{broker_name}]: {json.dumps(r)}", file=sys.stderr)
             for title, field in measures:
-                rows.append((title, field,
-                             statistics.median(r.get(field, 0) for r in runs["mosquitto"]),
-                             statistics.median(r.get(field, 0) for r in runs["pushcore"])))
+                rows.append((title, summarize(runs["mosquitto"], field), summarize(runs["pushcore"], field)))
 
-        idle = {}
-        for name in ("mosquitto", "pushcore"):
-            broker = start_mosquitto(mosq_exe, workdir) if name == "mosquitto" else \
-                start_pushcore(workdir, args.durability)
-            try:
-                time.sleep(0.5)
-                before = broker.rss_kb()
-                socks, ok = idle_connections(broker.port, args.idle)
-                time.sleep(1.0)
-                after = broker.rss_kb()
-                for s in socks:
-                    s.close()
-                idle[name] = ((after - before) * 1024 / max(ok, 1), ok)
-                print(f"  idle [{name}]: {ok} connected, RSS {before} -> {after} kB", file=sys.stderr)
-            finally:
-                broker.stop()
-        rows.append((f"{args.idle} idle connections: RSS per connection (bytes)", "rss",
-                     idle["mosquitto"][0], idle["pushcore"][0]))
+        if IDLE in only:
+            idle = {}
+            for name in ("mosquitto", "pushcore"):
+                broker = starters[name]()
+                try:
+                    time.sleep(0.5)
+                    before = broker.rss_kb()
+                    socks, ok = idle_connections(broker.port, args.idle)
+                    time.sleep(1.0)
+                    after = broker.rss_kb()
+                    for s in socks:
+                        s.close()
+                    idle[name] = ((after - before) * 1024 / max(ok, 1), ok)
+                    print(f"  idle [{name}]: {ok} connected, RSS {before} -> {after} kB", file=sys.stderr)
+                finally:
+                    broker.stop()
+            rows.append((f"{args.idle} idle connections: RSS per connection (bytes)",
+                         (idle["mosquitto"][0], ""), (idle["pushcore"][0], "")))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -242,18 +444,25 @@ def main():
         "Mosquitto without persistence, `set_tcp_nodelay true`.  "
         f"Median of {args.rounds} run(s) per cell, brokers alternated.",
         "",
+        "Fan-in and fan-out: one subscribing mqttload (clean session, `topic/#` at QoS 1) is "
+        "ready before the publishers start; delivered msg/s is what its connections received, "
+        "over the time from its subscriptions being acknowledged to its last message; latency "
+        "is publish→delivery, from the publisher's timestamp in the payload.  A run counts "
+        "only if the subscribers received exactly as many messages as were sent to them.",
+        "",
         "| measure | Mosquitto | pushcore | ratio (pushcore / Mosquitto) |",
         "|---|---:|---:|---:|",
     ]
-    for title, _field, mosq, push in rows:
-        ratio = push / mosq if mosq else float("nan")
-        lines.append(f"| {title} | {mosq:,.0f} | {push:,.0f} | {ratio:.2f}x |")
+    for title, (mosq, mosq_note), (push, push_note) in rows:
+        ratio = f"{push / mosq:.2f}x" if mosq and push is not None else "—"
+        lines.append(f"| {title} | {cell(mosq, mosq_note)} | {cell(push, push_note)} | {ratio} |")
     lines.append("")
     lines.append("For rates, higher is better; for latency and memory, lower is better.")
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write(text)
+    if args.only is None:
+        with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
