@@ -1,16 +1,21 @@
-"""The ``pushcore`` command: serve, check-config, log stats|dump, pub."""
+"""The ``pushcore`` command: serve, check-config, log stats|dump, pub, sub."""
 
 import argparse
 import base64
 import json
 import logging
+import os
 import sys
+import time
 
 from pushcore.config import load_config
 from pushcore.errors import ConfigError, MQTTError, StoreError
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h, as systemd and mosquitto users know it
+# mosquitto_sub exits with 27 when its -W timeout ends it; scripts written for
+# one work with the other.
+EXIT_SUB_TIMEOUT = 27
 
 
 class JSONFormatter(logging.Formatter):
@@ -184,6 +189,141 @@ def cmd_pub(args):
     return 0
 
 
+def _put_text_or_b64(obj, name, data):
+    """``obj[name]`` is ``data`` as text when it is UTF-8, else
+    ``obj[name + "_b64"]`` is its base64, as ``log dump`` prints payloads."""
+    try:
+        obj[name] = data.decode()
+    except UnicodeDecodeError:
+        obj[name + "_b64"] = base64.b64encode(data).decode()
+
+
+def _message_json(msg):
+    obj = {"topic": msg.topic, "qos": msg.qos, "retain": msg.retain}
+    _put_text_or_b64(obj, "payload", msg.payload)
+    props = {}
+    for name, value in (msg.properties or {}).items():
+        if isinstance(value, bytes):
+            _put_text_or_b64(props, name, value)
+        else:
+            props[name] = value
+    obj["properties"] = props
+    return obj
+
+
+def _print_message(msg, args):
+    if args.format == "json":
+        line = json.dumps(_message_json(msg), ensure_ascii=False).encode() + b"\n"
+    elif args.verbose:
+        line = msg.topic.encode() + b" " + msg.payload + b"\n"
+    else:
+        line = msg.payload + b"\n"
+    out = sys.stdout.buffer
+    out.write(line)
+    # One message, one write: a reader on a pipe sees each as it arrives.
+    out.flush()
+
+
+def _sub_usage_problem(args, version):
+    if args.no_clean and not args.client_id:
+        return "-c needs a client id (-i): a session is resumed by its client id"
+    if args.session_expiry is not None and version == 4:
+        return ("-x is an MQTT 5.0 option; an MQTT 3.1.1 session (-c) is kept until "
+                "a clean session connects with its client id")
+    if args.no_retained and args.retained_only:
+        return "-R drops the retained messages --retained-only prints; give one of them"
+    return None
+
+
+def cmd_sub(args):
+    from pushcore.subscriber import SESSION_NEVER_EXPIRES, Subscriber
+
+    setup_logging("debug" if args.debug else "warning")
+    version = 5 if args.protocol_version == "5" else 4
+    problem = _sub_usage_problem(args, version)
+    if problem:
+        print(f"pushcore sub: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    expiry = args.session_expiry
+    if expiry is None and args.no_clean and version == 5:
+        # As mosquitto_sub: -c without -x asks for a session that never expires.
+        expiry = SESSION_NEVER_EXPIRES
+    sub = Subscriber(host=args.host, port=args.port, client_id=args.client_id, version=version,
+                     keepalive=args.keepalive, clean_start=not args.no_clean,
+                     session_expiry=expiry)
+    try:
+        sub.connect()
+        # As mosquitto_sub: the -W clock starts once connected.
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        sub.subscribe(args.topics, qos=args.qos)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        shown = 0
+        for msg in sub.messages(timeout=remaining):
+            if args.no_retained and msg.retain:
+                continue
+            if args.retained_only and not msg.retain:
+                # The retained messages came first; a live one means they are all out.
+                return 0
+            _print_message(msg, args)
+            shown += 1
+            if shown == args.count:
+                return 0
+        return EXIT_SUB_TIMEOUT
+    except MQTTError as err:
+        print(f"pushcore sub: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`).  As the signal module's "Note on
+        # SIGPIPE" advises, stdout goes to /dev/null so that the flush at exit
+        # does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as err:
+        # A socket error names no address; the subscriber's own errors do.
+        address = f"{args.host}:{args.port}"
+        where = "" if address in str(err) else f"{address}: "
+        print(f"pushcore sub: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    finally:
+        sub.close()
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def _session_expiry(text):
+    """-x SECONDS: 0..4294967295, or -1 for never, as mosquitto_sub spells it."""
+    from pushcore.subscriber import SESSION_NEVER_EXPIRES
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value == -1:
+        return SESSION_NEVER_EXPIRES
+    if not 0 <= value <= SESSION_NEVER_EXPIRES:
+        raise argparse.ArgumentTypeError(f"must be 0..{SESSION_NEVER_EXPIRES} or -1 (never), "
+                                         f"not {value}")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="pushcore", description="Durable push-message ingestion gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +376,40 @@ def build_parser():
     pb.add_argument("--max-reconnects", type=int, default=5)
     pb.add_argument("-v", "--verbose", action="store_true")
     pb.set_defaults(func=cmd_pub)
+
+    sb = sub.add_parser("sub", help="subscribe and print messages, like mosquitto_sub",
+                        add_help=False)
+    sb.add_argument("--help", action="help", help="show this help and exit")
+    sb.add_argument("-h", "--host", default="127.0.0.1")
+    sb.add_argument("-p", "--port", type=int, default=1883)
+    sb.add_argument("-t", "--topic", dest="topics", action="append", required=True,
+                    metavar="FILTER", help="topic filter (+ and # wildcards); repeat for more")
+    sb.add_argument("-q", "--qos", type=int, choices=[0, 1, 2], default=0,
+                    help="maximum QoS of every subscription")
+    sb.add_argument("-i", "--client-id", help="client id (default: generated)")
+    sb.add_argument("-c", "--disable-clean-session", dest="no_clean", action="store_true",
+                    help="keep the session when disconnected and resume it (needs -i); "
+                         "MQTT 5: it never expires unless -x says otherwise")
+    sb.add_argument("-x", "--session-expiry", type=_session_expiry, metavar="SECONDS",
+                    help="MQTT 5 Session Expiry Interval (-1: never)")
+    sb.add_argument("-V", "--protocol-version", choices=["5", "311", "4"], default="5",
+                    help="5 = MQTT 5.0, 311 (or 4, as pub spells it) = MQTT 3.1.1")
+    sb.add_argument("-k", "--keepalive", type=int, default=60)
+    sb.add_argument("-C", "--count", type=_positive_int,
+                    help="exit (status 0) after printing this many messages")
+    sb.add_argument("-W", "--timeout", type=_positive_seconds, metavar="SECONDS",
+                    help=f"exit with status {EXIT_SUB_TIMEOUT} this long after connecting")
+    sb.add_argument("-v", "--verbose", action="store_true", help='print "topic payload"')
+    sb.add_argument("-R", dest="no_retained", action="store_true",
+                    help="do not print retained (stale) messages")
+    sb.add_argument("--retained-only", action="store_true",
+                    help="print only retained messages; exit at the first live one")
+    sb.add_argument("-F", "--format", choices=["json"],
+                    help="json: one object per line: topic, qos, retain, payload "
+                         "(payload_b64 when not UTF-8), properties")
+    sb.add_argument("-d", "--debug", action="store_true",
+                    help="log connecting and subscribing on stderr")
+    sb.set_defaults(func=cmd_sub)
     return p
 
 
