@@ -607,7 +607,7 @@ class Log:
                             break
                         queued += 1
                         entry = decode_queue_value(qvalue)
-                        queued_bytes += len(entry[5])
+                        queued_bytes += len(entry[4])
                         if entry[1] & QUEUE_SENT:
                             inflight += 1
                 out.append({"client_id": client, "version": session["version"],
