@@ -58,7 +58,7 @@ from .log import (
     queue_key,
     queue_prefix,
 )
-from .record import decode_record
+from ._ingest import record_fields
 from .topics import SubscriptionTrie, matches, parse_shared
 
 log = logging.getLogger("pushcore.broker")
@@ -118,23 +118,23 @@ class Message:
                  "properties", "raw_properties", "expires_ms", "_cache")
 
     def __init__(self, record):
-        r = decode_record(record)
+        time_ms, flags, topic, client_id, raw_properties, payload = record_fields(record)
         self.record = record
-        self.topic = r.topic
-        self.payload = r.payload
-        self.qos = r.qos
-        self.retain = r.retain
-        self.client_id = r.client_id
-        self.time_ms = r.time_ms
-        self.raw_properties = r.properties
+        self.topic = topic
+        self.payload = payload
+        self.qos = flags & 0x03
+        self.retain = bool(flags & 0x04)
+        self.client_id = client_id
+        self.time_ms = time_ms
+        self.raw_properties = raw_properties
         self.properties = None
         self.expires_ms = 0
-        if r.properties:
-            self.properties = decode_properties(r.properties)
+        if raw_properties:
+            self.properties = decode_properties(raw_properties)
             interval = self.properties.get("message_expiry_interval")
             if interval is not None:
                 # MQTT 5.0 §3.3.2.3.3: the message expires this long after it arrived.
-                self.expires_ms = r.time_ms + interval * 1000
+                self.expires_ms = time_ms + interval * 1000
         self._cache = None
 
 
@@ -571,6 +571,19 @@ class Broker:
             if not found:
                 continue
             message = Message(record)
+            if len(found) == 1 and found[0][1].__class__ is str:
+                # The common case, one plain subscription: no merging of copies.
+                topic_filter, client_id = found[0]
+                session = sessions.get(client_id)
+                sub = session.subs.get(topic_filter) if session is not None else None
+                if sub is None or (sub.no_local and client_id == message.client_id):
+                    continue
+                d = self._admit(session, message, min(sub.qos, message.qos),
+                                sub.retain_as_published, (sub.sub_id,) if sub.sub_id else (),
+                                None, index)
+                if d is not None:
+                    routes[index] = [(session, d)]
+                continue
             copies = {}
             for topic_filter, value in found:
                 if value.__class__ is str:
@@ -601,7 +614,7 @@ class Broker:
                         copy[2].append(sub.sub_id)
             out = []
             for (session, share), (qos, rap, sub_ids) in copies.items():
-                d = self._admit(session, message, qos, rap, sub_ids, share, index)
+                d = self._admit(session, message, qos, rap, tuple(sub_ids), share, index)
                 if d is not None:
                     out.append((session, d))
             if out:
@@ -666,7 +679,7 @@ class Broker:
         if session.persistent and qos > 0:
             seq = session.next_seq
             session.next_seq += 1
-        d = Delivery(message, qos, retain, tuple(sub_ids), share, seq)
+        d = Delivery(message, qos, retain, sub_ids, share, seq)
         if seq is not None:
             self.ops.queued.append((index, queue_key(session.prefix, seq), d.queue_value()))
         session.pending += 1
@@ -838,12 +851,15 @@ class Broker:
     # -- acknowledgements from the subscriber ----------------------------------------
 
     def puback(self, session, packet_id):
-        """PUBACK (QoS 1) or PUBCOMP (QoS 2): the copy is delivered."""
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2): the copy is delivered.
+
+        The window it frees is filled by the server's ``pump`` once the whole
+        read is handled, not once per ack.
+        """
         d = session.inflight.pop(packet_id, None)
         if d is None:
             return False
         self._forget(session, d)
-        self.pump(session)
         return True
 
     def pubrec(self, session, packet_id):

@@ -136,7 +136,11 @@ class Connection:
                 self.timer.reset(self.keepalive_s)
             if proto.version == 4 and proto.inflight >= server.mqtt_settings.receive_maximum:
                 self.pause(PAUSE_INFLIGHT)
-        if proto.out:
+        session = proto.session
+        if session is not None and session.queue:
+            # Acks in this read freed window: fill it once, for all of them.
+            self.deliver()
+        elif proto.out:
             self.flush()
         if proto.close_after_flush and not self.closed:
             self.close(proto.close_reason)

@@ -2,6 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pushcore._ingest import record_fields
 from pushcore.errors import StoreError
 from pushcore.record import (FORMAT_VERSION, Record, decode_record, encode_record, id_hash,
                              partition_for, record_time_ms)
@@ -64,6 +65,29 @@ def test_round_trip(record):
     assert decode_record(data) == record
     assert decode_record(memoryview(bytearray(data))) == record
     assert record_time_ms(data) == record.time_ms
+
+
+@settings(max_examples=300, deadline=None)
+@given(records)
+def test_record_fields_agrees_with_decode_record(record):
+    # The broker's C reader (pushcore._ingest.record_fields) sees what the decoder sees.
+    data = encode_record(record.time_ms, record.topic, record.payload, record.qos, record.retain,
+                         record.msg_id, record.key, record.client_id, record.properties)
+    time_ms, flags, topic, client_id, properties, payload = record_fields(data)
+    assert (time_ms, flags & 3, bool(flags & 4), topic, client_id, properties, payload) == \
+        (record.time_ms, record.qos, record.retain, record.topic, record.client_id,
+         record.properties, record.payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(records, st.data())
+def test_record_fields_refuses_a_truncated_header(record, data):
+    encoded = encode_record(record.time_ms, record.topic, record.payload, record.qos,
+                            record.retain, record.msg_id, record.key, record.client_id,
+                            record.properties)
+    cut = data.draw(st.integers(0, len(encoded) - len(record.payload) - 1))
+    with pytest.raises(ValueError):
+        record_fields(encoded[:cut])
 
 
 @settings(max_examples=200, deadline=None)
