@@ -811,18 +811,20 @@ class Broker:
             if d.sub_ids:
                 props["subscription_identifier"] = list(d.sub_ids)
             topic = message.topic
+            new_alias = None
             if conn.topic_alias_maximum_out:
                 alias = alias_map.get(topic)
                 if alias is not None:
                     props["topic_alias"] = alias
                     topic = ""
                 elif len(alias_map) < conn.topic_alias_maximum_out:
-                    alias = alias_map[topic] = len(alias_map) + 1
-                    props["topic_alias"] = alias
+                    # Taken only once the packet is really sent (see below).
+                    new_alias = props["topic_alias"] = len(alias_map) + 1
             packet = _publish_bytes(topic.encode(), d.qos, d.retain, dup, packet_id,
                                     encode_properties(props) if props else b"",
                                     message.payload, version)
         else:
+            new_alias = None
             cache = message._cache
             if cache is None:
                 cache = message._cache = {}
@@ -844,6 +846,10 @@ class Broker:
             # Packet Size is not sent; it is dropped as if it had been delivered.
             self.metrics["deliveries_skipped_too_large"] += 1
             return False
+        if new_alias is not None:
+            # MQTT 5.0 §3.3.2.3.4: the alias is the client's to know only once this
+            # PUBLISH reaches it; a skipped packet must not leave it half-defined.
+            alias_map[message.topic] = new_alias
         conn.out += packet
         self.metrics["messages_delivered"] += 1
         return True
