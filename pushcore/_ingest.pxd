@@ -18,6 +18,7 @@ cdef class Batch:
     cdef public list items
     cdef public list waiters
     cdef public Py_ssize_t nbytes
+    cdef public Py_ssize_t nretain
     cdef int _add(self, object partition, object idh, bytes record, object conn,
                   object packet_id, object qos) except -1
 

@@ -31,6 +31,7 @@ class Batch:
     items: list[Item]
     waiters: list[Waiter]
     nbytes: int
+    nretain: int
     def __init__(self) -> None: ...
     def __len__(self) -> int: ...
     def add(

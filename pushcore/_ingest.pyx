@@ -281,6 +281,7 @@ cdef class Batch:
         self.items = []
         self.waiters = []
         self.nbytes = 0
+        self.nretain = 0
 
     def __len__(self):
         return len(self.items) + len(self.waiters)
@@ -292,6 +293,10 @@ cdef class Batch:
             self.waiters.append((conn, packet_id, qos, len(items)))
         items.append((partition, idh, record))
         self.nbytes += PyBytes_GET_SIZE(record)
+        # Record flags bit 2 is retain (pushcore/record.py): the broker skips routing
+        # a batch with no retained message while nobody subscribes.
+        if (<const unsigned char*>PyBytes_AS_STRING(record))[1] & 0x04:
+            self.nretain += 1
         return 0
 
     def add(self, partition, idh, bytes record not None, conn, packet_id, qos):
@@ -308,6 +313,7 @@ cdef class Batch:
         for conn, packet_id, qos, index in other.waiters:
             self.waiters.append((conn, packet_id, qos, index + base if index >= 0 else index))
         self.nbytes += other.nbytes
+        self.nretain += other.nretain
 
 
 cdef class Ingest:

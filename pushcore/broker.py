@@ -301,16 +301,18 @@ class Broker:
     def connect(self, conn, clean_start, expiry, now_ms):
         """Attach a connection to its session; return Session Present."""
         client_id = conn.client_id
+        session = self.sessions.get(client_id)
+        present = False
+        if session is not None and clean_start:
+            # MQTT 5.0 §3.1.2.4: Clean Start discards the session; its end publishes a
+            # Will still waiting for its delay (§3.1.3.2.2, as Mosquitto does).
+            self._end_session(session, now_ms)
+            session = None
         will = self.pending_wills.pop(client_id, None)
         if will is not None:
             # MQTT 5.0 §3.1.3.2.2: the client came back within its Will Delay Interval.
             will[0].cancel()
             self.metrics["wills_cancelled"] += 1
-        session = self.sessions.get(client_id)
-        present = False
-        if session is not None and clean_start:
-            self._end_session(session, now_ms)
-            session = None
         if session is not None:
             present = True
             if session.expiry_timer is not None:
@@ -542,7 +544,7 @@ class Broker:
 
     # -- routing (before the commit) -----------------------------------------
 
-    def route(self, items, now_ms):
+    def route(self, batch, now_ms):
         """For each item of a batch about to commit: the copies it makes.
 
         Returns {item index: [(session, Delivery), ...]}.  A persistent
@@ -552,6 +554,9 @@ class Broker:
         """
         routes = {}
         trie = self.trie
+        if not len(trie) and not batch.nretain:
+            return routes
+        items = batch.items
         cache = self._route_cache
         sessions = self.sessions
         for index, item in enumerate(items):

@@ -331,7 +331,7 @@ class Server:
         now_ms = self.ingest.now_ms
         # Routing before the commit: a persistent subscriber's copy is written in the
         # same transaction as the message (pushcore/broker.py).
-        self.committing_routes = self.broker.route(batch.items, now_ms)
+        self.committing_routes = self.broker.route(batch, now_ms)
         ops = self.committing_ops = self.broker.take_ops()
         self.committing_callbacks, self.callbacks = self.callbacks, []
         self.writer.append(batch, ops if ops else None, now_ms, self._committed)
