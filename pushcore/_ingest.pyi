@@ -94,3 +94,13 @@ def batch_rows(
 ) -> tuple[list[Result], list[list[tuple[bytes, bytes]]], list[int]]: ...
 
 def record_fields(record: bytes) -> tuple[int, int, str, str, bytes, bytes]: ...
+def encode_publish(
+    topic: bytes,
+    qos: int,
+    retain: bool,
+    dup: bool,
+    packet_id: int,
+    properties: bytes,
+    payload: bytes,
+    version: int,
+) -> bytes: ...

@@ -701,3 +701,54 @@ def record_fields(bytes record not None):
         raise ValueError("truncated record")
     return time_ms, flags, topic, client_id, properties, \
         PyBytes_FromStringAndSize(<const char*>p + pos, n - pos)
+
+
+cdef inline Py_ssize_t _put_varint(unsigned char* w, Py_ssize_t n) noexcept nogil:
+    # MQTT 5.0 §1.5.5: Variable Byte Integer, 7 bits per byte, at most 4 bytes.
+    cdef Py_ssize_t i = 0
+    while True:
+        if n >= 128:
+            w[i] = <unsigned char>((n & 0x7F) | 0x80)
+        else:
+            w[i] = <unsigned char>n
+        i += 1
+        n >>= 7
+        if n == 0:
+            return i
+
+
+def encode_publish(bytes topic not None, int qos, bint retain, bint dup, int packet_id,
+                   bytes properties not None, bytes payload not None, int version):
+    """One PUBLISH packet (MQTT 3.1.1 §3.3 / 5.0 §3.3) in a single allocation.
+
+    ``topic`` is UTF-8, ``properties`` the wire-encoded MQTT 5 property
+    section without its length (ignored for 3.1.1).  The broker's per-delivery
+    encoder; ``pushcore._frame.encode`` is the general one it is tested against.
+    """
+    cdef Py_ssize_t tn = PyBytes_GET_SIZE(topic)
+    cdef Py_ssize_t pn = PyBytes_GET_SIZE(properties) if version == 5 else 0
+    cdef Py_ssize_t yn = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t props_len = 0
+    cdef unsigned char tmp[4]
+    if version == 5:
+        props_len = _put_varint(tmp, pn) + pn
+    cdef Py_ssize_t remaining = 2 + tn + (2 if qos else 0) + props_len + yn
+    if remaining > 268435455:
+        raise ValueError("PUBLISH larger than the MQTT maximum of 268435455 bytes")
+    cdef Py_ssize_t head = 1 + _put_varint(tmp, remaining)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, head + remaining)
+    cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(out)
+    w[0] = <unsigned char>(0x30 | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0))
+    w += 1
+    w += _put_varint(w, remaining)
+    w = _put_u16(w, tn)
+    memcpy(w, PyBytes_AS_STRING(topic), tn)
+    w += tn
+    if qos:
+        w = _put_u16(w, packet_id)
+    if version == 5:
+        w += _put_varint(w, pn)
+        memcpy(w, PyBytes_AS_STRING(properties), pn)
+        w += pn
+    memcpy(w, PyBytes_AS_STRING(payload), yn)
+    return out

@@ -43,7 +43,7 @@ import json
 import logging
 from collections import deque
 
-from ._frame import decode_properties, encode_properties, encode_remaining_length
+from ._frame import decode_properties, encode_properties
 from .errors import ProtocolError, TopicFilterInvalid
 from .log import (
     OP_DELETE,
@@ -58,7 +58,7 @@ from .log import (
     queue_key,
     queue_prefix,
 )
-from ._ingest import record_fields
+from ._ingest import encode_publish, record_fields
 from .topics import SubscriptionTrie, matches, parse_shared
 
 log = logging.getLogger("pushcore.broker")
@@ -74,8 +74,6 @@ SUBACK_FAILURE_V3 = 0x80
 # MQTT 5.0 §3.11.3: UNSUBACK codes.
 UNSUBACK_SUCCESS = 0x00
 UNSUBACK_NO_SUBSCRIPTION = 0x11
-# MQTT 5.0 §3.3.1.1: the DUP flag in a PUBLISH fixed header.
-DUP_FLAG = 0x08
 # MQTT 5.0 §3.6.1: PUBREL has fixed header flags 0010.
 PUBREL_HEADER = 0x62
 
@@ -83,6 +81,7 @@ PUBREL_HEADER = 0x62
 QUEUED = 0
 SENT = 1
 RELEASED = 2  # QoS 2: PUBREC received, PUBREL sent
+DROPPED = -1  # dropped (queue full) before its batch was committed
 
 
 class Subscription:
@@ -114,13 +113,14 @@ class Subscription:
 class Message:
     """A stored message, decoded once for all the sessions it goes to."""
 
-    __slots__ = ("record", "topic", "payload", "qos", "retain", "client_id", "time_ms",
-                 "properties", "raw_properties", "expires_ms", "_cache")
+    __slots__ = ("record", "topic", "topic_bytes", "payload", "qos", "retain", "client_id",
+                 "time_ms", "properties", "raw_properties", "expires_ms")
 
     def __init__(self, record):
         time_ms, flags, topic, client_id, raw_properties, payload = record_fields(record)
         self.record = record
         self.topic = topic
+        self.topic_bytes = topic.encode()
         self.payload = payload
         self.qos = flags & 0x03
         self.retain = bool(flags & 0x04)
@@ -135,13 +135,13 @@ class Message:
             if interval is not None:
                 # MQTT 5.0 §3.3.2.3.3: the message expires this long after it arrived.
                 self.expires_ms = time_ms + interval * 1000
-        self._cache = None
 
 
 class Delivery:
     """One copy of a message for one session."""
 
-    __slots__ = ("message", "qos", "retain", "sub_ids", "share", "seq", "packet_id", "state")
+    __slots__ = ("message", "qos", "retain", "sub_ids", "share", "seq", "packet_id", "state",
+                 "generation")
 
     def __init__(self, message, qos, retain, sub_ids=(), share=None, seq=None):
         self.message = message
@@ -154,6 +154,8 @@ class Delivery:
         self.seq = seq
         self.packet_id = 0
         self.state = QUEUED
+        # Which StoreOps its queue entry went into (Broker.generation when routed).
+        self.generation = 0
 
     def queue_value(self):
         flags = (QUEUE_RETAIN if self.retain else 0) | (QUEUE_SENT if self.state != QUEUED else 0)
@@ -180,8 +182,8 @@ class Session:
         # packet id -> Delivery, in the order they were sent.
         self.inflight = {}
         self.conn = None
-        # Copies routed to this session in a batch that is not committed yet.
-        self.pending = 0
+        # Copies routed to this session in batches not committed yet, oldest first.
+        self.pending = deque()
         self.next_seq = 0
         self.next_packet_id = 1
         self.prefix = queue_prefix(client_id)
@@ -201,7 +203,7 @@ class Session:
                            "disconnected_ms": self.disconnected_ms}).encode()
 
     def size(self):
-        return len(self.queue) + len(self.inflight) + self.pending
+        return len(self.queue) + len(self.inflight) + len(self.pending)
 
     def take_packet_id(self):
         packet_id = self.next_packet_id
@@ -258,6 +260,11 @@ class Broker:
         self.shares = {}
         self.retained = {}
         self.ops = StoreOps()
+        # Counts take_ops calls: a copy routed in this generation has its queue entry
+        # in self.ops still; an older one's is being committed.
+        self.generation = 0
+        # Queue keys of copies dropped before self.ops was taken (see _drop_pending).
+        self._dropped_keys = set()
         self.pending_wills = {}
         # topic -> trie matches; cleared whenever a subscription changes.
         self._route_cache = {}
@@ -671,9 +678,11 @@ class Broker:
         retain = message.retain and rap
         if (s.max_queued_messages and session.size() >= s.max_queued_messages) or \
                 (s.max_queued_bytes and session.queued_bytes >= s.max_queued_bytes):
-            if s.queue_full == "drop_oldest" and session.queue:
-                old = session.queue.popleft()
-                self._forget(session, old)
+            if s.queue_full == "drop_oldest" and (session.queue or session.pending):
+                if session.queue:
+                    self._forget(session, session.queue.popleft())
+                else:
+                    self._drop_pending(session)
                 self.metrics["queue_full_dropped"] += 1
                 self._log_full(session, "dropped its oldest queued message")
             else:
@@ -687,9 +696,25 @@ class Broker:
         d = Delivery(message, qos, retain, sub_ids, share, seq)
         if seq is not None:
             self.ops.queued.append((index, queue_key(session.prefix, seq), d.queue_value()))
-        session.pending += 1
+        d.generation = self.generation
+        session.pending.append(d)
         session.queued_bytes += len(message.record)
         return d
+
+    def _drop_pending(self, session):
+        """Drop the oldest copy routed to a session but not committed yet."""
+        d = session.pending.popleft()
+        d.state = DROPPED
+        session.queued_bytes -= len(d.message.record)
+        if d.seq is None:
+            return
+        key = queue_key(session.prefix, d.seq)
+        if d.generation == self.generation:
+            # Its entry is in self.ops.queued, which take_ops filters.
+            self._dropped_keys.add(key)
+        else:
+            # Its entry is being committed with the batch in flight: delete it after.
+            self.ops.writes.append((OP_DELETE, b"queue", key, None))
 
     def _log_full(self, session, what):
         if not session.full_logged:
@@ -716,7 +741,11 @@ class Broker:
         for index, copies in routes.items():
             duplicate = results[index][2]
             for session, d in copies:
-                session.pending -= 1
+                if d.state == DROPPED:
+                    continue
+                pending = session.pending
+                if pending and pending[0] is d:
+                    pending.popleft()
                 if duplicate or session.ended:
                     session.queued_bytes -= len(d.message.record)
                     continue
@@ -737,6 +766,10 @@ class Broker:
     def take_ops(self):
         """The store writes for the next commit (and the retained changes it carries)."""
         ops, self.ops = self.ops, StoreOps()
+        self.generation += 1
+        if self._dropped_keys:
+            dropped, self._dropped_keys = self._dropped_keys, set()
+            ops.queued = [entry for entry in ops.queued if entry[1] not in dropped]
         self._retained_done = ops.retained
         return ops
 
@@ -744,7 +777,11 @@ class Broker:
         """The batch was refused (store full): undo its copies; keep its state writes."""
         for copies in routes.values():
             for session, d in copies:
-                session.pending -= 1
+                if d.state == DROPPED:
+                    continue
+                pending = session.pending
+                if pending and pending[0] is d:
+                    pending.popleft()
                 session.queued_bytes -= len(d.message.record)
         self._retained_done = ()
         if ops.writes:
@@ -825,27 +862,13 @@ class Broker:
                 elif len(alias_map) < conn.topic_alias_maximum_out:
                     # Taken only once the packet is really sent (see below).
                     new_alias = props["topic_alias"] = len(alias_map) + 1
-            packet = _publish_bytes(topic.encode(), d.qos, d.retain, dup, packet_id,
+            packet = encode_publish(topic.encode(), d.qos, d.retain, dup, packet_id,
                                     encode_properties(props) if props else b"",
                                     message.payload, version)
         else:
             new_alias = None
-            cache = message._cache
-            if cache is None:
-                cache = message._cache = {}
-            key = (version, d.qos, d.retain)
-            parts = cache.get(key)
-            if parts is None:
-                parts = cache[key] = _publish_parts(message.topic.encode(), d.qos, d.retain,
-                                                   message.raw_properties, message.payload,
-                                                   version)
-            head, tail = parts
-            if d.qos:
-                if dup:
-                    head = bytes((head[0] | DUP_FLAG,)) + head[1:]
-                packet = head + packet_id.to_bytes(2, "big") + tail
-            else:
-                packet = head + tail
+            packet = encode_publish(message.topic_bytes, d.qos, d.retain, dup, packet_id,
+                                    message.raw_properties, message.payload, version)
         if len(packet) > conn.max_packet_out:
             # MQTT 5.0 §3.1.2.11.4 [MQTT-3.1.2-25]: a packet over the client's Maximum
             # Packet Size is not sent; it is dropped as if it had been delivered.
@@ -965,26 +988,6 @@ def _covers(deny, requested):
             continue
         return False
     return len(deny_levels) == len(levels) or deny_levels[len(levels):] == ["#"]
-
-
-def _publish_parts(topic, qos, retain, raw_properties, payload, version):
-    """A PUBLISH split around its packet id: (fixed header + topic, properties + payload)."""
-    props = b""
-    if version == MQTT5:
-        props = encode_remaining_length(len(raw_properties)) + raw_properties
-    variable = 2 + len(topic) + (2 if qos else 0) + len(props)
-    head = bytes((0x30 | (qos << 1) | (1 if retain else 0),)) + \
-        encode_remaining_length(variable + len(payload)) + len(topic).to_bytes(2, "big") + topic
-    return head, props + payload
-
-
-def _publish_bytes(topic, qos, retain, dup, packet_id, raw_properties, payload, version):
-    head, tail = _publish_parts(topic, qos, retain, raw_properties, payload, version)
-    if dup:
-        head = bytes((head[0] | DUP_FLAG,)) + head[1:]
-    if qos:
-        return head + packet_id.to_bytes(2, "big") + tail
-    return head + tail
 
 
 __all__ = ["Broker", "BrokerSettings", "Delivery", "Message", "Session", "Subscription",
