@@ -58,7 +58,7 @@ from .log import (
     queue_key,
     queue_prefix,
 )
-from ._ingest import encode_publish, record_fields
+from ._ingest import STATE_CLOSED, encode_publish, record_fields
 from .topics import SubscriptionTrie, matches, parse_shared
 
 log = logging.getLogger("pushcore.broker")
@@ -74,6 +74,13 @@ SUBACK_FAILURE_V3 = 0x80
 # MQTT 5.0 §3.11.3: UNSUBACK codes.
 UNSUBACK_SUCCESS = 0x00
 UNSUBACK_NO_SUBSCRIPTION = 0x11
+# A persistent session's client id is an LMDB key (LMDB keys are at most 511
+# bytes; the queue key adds 10): longer ids may only have clean sessions.
+MAX_STORED_CLIENT_ID = 256
+# Subscription Identifiers one stored copy can carry (u16 count in the queue entry).
+MAX_SUB_IDS = 0xFFFF
+# Distinct topics whose subscription matches are cached for routing.
+ROUTE_CACHE_MAX = 10_000
 # MQTT 5.0 §3.6.1: PUBREL has fixed header flags 0010.
 PUBREL_HEADER = 0x62
 
@@ -81,7 +88,6 @@ PUBREL_HEADER = 0x62
 QUEUED = 0
 SENT = 1
 RELEASED = 2  # QoS 2: PUBREC received, PUBREL sent
-DROPPED = -1  # dropped (queue full) before its batch was committed
 
 
 class Subscription:
@@ -140,8 +146,7 @@ class Message:
 class Delivery:
     """One copy of a message for one session."""
 
-    __slots__ = ("message", "qos", "retain", "sub_ids", "share", "seq", "packet_id", "state",
-                 "generation")
+    __slots__ = ("message", "qos", "retain", "sub_ids", "share", "seq", "packet_id", "state")
 
     def __init__(self, message, qos, retain, sub_ids=(), share=None, seq=None):
         self.message = message
@@ -154,8 +159,6 @@ class Delivery:
         self.seq = seq
         self.packet_id = 0
         self.state = QUEUED
-        # Which StoreOps its queue entry went into (Broker.generation when routed).
-        self.generation = 0
 
     def queue_value(self):
         flags = (QUEUE_RETAIN if self.retain else 0) | (QUEUE_SENT if self.state != QUEUED else 0)
@@ -170,9 +173,9 @@ class Session:
 
     __slots__ = ("client_id", "version", "expiry", "subs", "queue", "inflight", "conn",
                  "pending", "next_seq", "next_packet_id", "prefix", "disconnected_ms",
-                 "expiry_timer", "ended", "full_logged", "queued_bytes")
+                 "expiry_timer", "ended", "full_logged", "queued_bytes", "stored")
 
-    def __init__(self, client_id, version, expiry):
+    def __init__(self, client_id, version, expiry, next_seq=0):
         self.client_id = client_id
         self.version = version
         # Seconds after the connection ends; 0 ends it with the connection.
@@ -182,9 +185,9 @@ class Session:
         # packet id -> Delivery, in the order they were sent.
         self.inflight = {}
         self.conn = None
-        # Copies routed to this session in batches not committed yet, oldest first.
-        self.pending = deque()
-        self.next_seq = 0
+        # Copies routed to this session in batches not committed yet.
+        self.pending = 0
+        self.next_seq = next_seq
         self.next_packet_id = 1
         self.prefix = queue_prefix(client_id)
         self.disconnected_ms = 0
@@ -192,6 +195,8 @@ class Session:
         self.ended = False
         self.full_logged = False
         self.queued_bytes = 0
+        # True while a session row (and maybe queue entries) may be in the store.
+        self.stored = False
 
     @property
     def persistent(self):
@@ -203,7 +208,7 @@ class Session:
                            "disconnected_ms": self.disconnected_ms}).encode()
 
     def size(self):
-        return len(self.queue) + len(self.inflight) + len(self.pending)
+        return len(self.queue) + len(self.inflight) + self.pending
 
     def take_packet_id(self):
         packet_id = self.next_packet_id
@@ -260,11 +265,6 @@ class Broker:
         self.shares = {}
         self.retained = {}
         self.ops = StoreOps()
-        # Counts take_ops calls: a copy routed in this generation has its queue entry
-        # in self.ops still; an older one's is being committed.
-        self.generation = 0
-        # Queue keys of copies dropped before self.ops was taken (see _drop_pending).
-        self._dropped_keys = set()
         self.pending_wills = {}
         # topic -> trie matches; cleared whenever a subscription changes.
         self._route_cache = {}
@@ -276,22 +276,27 @@ class Broker:
     def load(self, store, now_ms):
         """Take the sessions, queues and retained messages a previous run stored."""
         self.retained = store.retained()
-        for client_id, state, entries in store.load_sessions():
-            session = Session(client_id, state["version"], state["expiry"])
+        messages = {}
+        sessions, orphans = store.load_sessions()
+        for prefix in orphans:
+            # Entries of a session whose end was not committed before a crash.
+            self.ops.writes.append((OP_DELETE_PREFIX, b"queue", prefix, None))
+        for client_id, state, entries in sessions:
+            session = Session(client_id, state["version"], state["expiry"], now_ms << 20)
+            session.stored = True
             # A session that was connected when the server stopped went offline then.
             session.disconnected_ms = state.get("disconnected_ms") or now_ms
             for row in state["subs"]:
                 sub = Subscription.from_json(row)
                 session.subs[sub.filter] = sub
                 self._add_to_trie(session, sub)
-            messages = {}
             for seq, value in entries:
                 qos, flags, packet_id, sub_ids, record = decode_queue_value(value)
                 message = messages.get(record)
                 if message is None:
                     message = messages[record] = Message(record)
                 d = Delivery(message, qos, bool(flags & QUEUE_RETAIN), sub_ids, None, seq)
-                session.next_seq = seq + 1
+                session.next_seq = max(session.next_seq, seq + 1)
                 if flags & QUEUE_SENT and packet_id and packet_id not in session.inflight:
                     d.packet_id = packet_id
                     d.state = RELEASED if flags & QUEUE_RELEASED else SENT
@@ -326,26 +331,30 @@ class Broker:
                 session.expiry_timer.cancel()
                 session.expiry_timer = None
         else:
-            session = self.sessions[client_id] = Session(client_id, conn.version, expiry)
-        was_persistent = session.persistent
+            # Queue keys of a new session start past any an earlier session of this
+            # client id used (its deletion may not be committed yet).
+            session = self.sessions[client_id] = Session(client_id, conn.version, expiry,
+                                                         now_ms << 20)
         session.version = conn.version
         session.expiry = expiry
         session.conn = conn
         session.disconnected_ms = 0
         conn.session = session
-        if session.persistent or was_persistent:
-            self._save(session)
+        self._save(session)
         return present
 
     def resume(self, session):
         """After CONNACK: resend what is unacknowledged (DUP set, in order), then the queue."""
         conn = session.conn
-        for packet_id, d in session.inflight.items():
+        for packet_id, d in list(session.inflight.items()):
             if d.state == RELEASED:
                 # MQTT 5.0 §4.4: a PUBREC was received; only the PUBREL is re-sent.
                 conn.out += bytes((PUBREL_HEADER, 2, packet_id >> 8, packet_id & 0xFF))
-            else:
-                self._send(conn, d, packet_id, dup=True)
+            elif not self._send(conn, d, packet_id, dup=True):
+                # Too large for the Maximum Packet Size this connection stated: dropped
+                # as if delivered (§3.1.2.11.4), so it cannot hold the window for ever.
+                del session.inflight[packet_id]
+                self._forget(session, d)
         self.pump(session)
 
     def disconnected(self, conn, now_ms):
@@ -408,9 +417,8 @@ class Broker:
         session.queue.clear()
         session.inflight.clear()
         self.dirty.discard(session)
-        writes = self.ops.writes
-        writes.append((OP_DELETE, b"session", session.client_id.encode(), None))
-        writes.append((OP_DELETE_PREFIX, b"queue", session.prefix, None))
+        session.expiry = 0
+        self._save(session)
         will = self.pending_wills.pop(session.client_id, None)
         if will is not None:
             # MQTT 5.0 §3.1.3.2.2: the Will is published when the session ends,
@@ -441,19 +449,33 @@ class Broker:
         self.pending_wills.clear()
 
     def _save(self, session):
+        """Write the session's row, or delete row and queue once it is no longer kept."""
+        writes = self.ops.writes
         if session.persistent:
-            self.ops.writes.append((OP_PUT, b"session", session.client_id.encode(),
-                                    session.to_json()))
-        else:
-            self.ops.writes.append((OP_DELETE, b"session", session.client_id.encode(), None))
+            writes.append((OP_PUT, b"session", session.client_id.encode(), session.to_json()))
+            session.stored = True
+        elif session.stored:
+            writes.append((OP_DELETE, b"session", session.client_id.encode(), None))
+            writes.append((OP_DELETE_PREFIX, b"queue", session.prefix, None))
+            session.stored = False
 
     # -- subscribe ------------------------------------------------------------
 
-    def subscribe(self, session, subscriptions, sub_id, now_ms):
-        """SUBSCRIBE: returns (reason codes, retained deliveries to queue after SUBACK)."""
+    def subscribe(self, session, subscriptions, sub_id):
+        """SUBSCRIBE: returns (reason codes, subscriptions owed their retained messages).
+
+        The retained messages are looked up by ``send_retained`` once what is
+        being committed now is committed, so the subscriber gets the latest.
+        """
         v5 = session.version == MQTT5
+        if v5:
+            for topic_filter, options in subscriptions:
+                if options & 0x04 and topic_filter.startswith("$share/"):
+                    # MQTT 5.0 §3.8.3.1 [MQTT-3.8.3-4]: No Local on a shared subscription;
+                    # checked before any filter of the packet takes effect.
+                    raise ProtocolError("No Local set on a shared subscription")
         codes = []
-        retained = []
+        wanted = []
         s = self.settings
         for topic_filter, options in subscriptions:
             qos = options & 0x03
@@ -466,9 +488,6 @@ class Broker:
                 codes.append(SUBACK_FILTER_INVALID if v5 else SUBACK_FAILURE_V3)
                 self.metrics["subscribe_refused_invalid"] += 1
                 continue
-            if share is not None and no_local and v5:
-                # MQTT 5.0 §3.8.3.1 [MQTT-3.8.3-4]: No Local on a shared subscription.
-                raise ProtocolError("No Local set on a shared subscription")
             if self._denied(inner):
                 codes.append(SUBACK_NOT_AUTHORIZED if v5 else SUBACK_FAILURE_V3)
                 self.metrics["subscribe_refused_denied"] += 1
@@ -487,9 +506,9 @@ class Broker:
             # MQTT 5.0 §3.3.1.3 and §3.8.3.1: retained messages on subscribe, per
             # Retain Handling; none for a shared subscription (§4.8.2).
             if share is None and (rh == 0 or (rh == 1 and not existed)):
-                retained.extend(self._retained_for(sub, now_ms))
+                wanted.append(sub)
         self._save(session)
-        return codes, retained
+        return codes, wanted
 
     def _denied(self, topic_filter):
         return any(_covers(deny, topic_filter) for deny in self.settings.subscribe_deny)
@@ -505,10 +524,16 @@ class Broker:
                 out.append(Delivery(message, min(message.qos, sub.qos), True, ids))
         return out
 
-    def queue_retained(self, session, deliveries):
-        """Retained messages for a new subscription join the queue after the SUBACK."""
-        for d in deliveries:
-            self._enqueue(session, d)
+    def send_retained(self, session, subs, now_ms):
+        """The retained messages for new subscriptions go out ahead of the queue."""
+        if session.ended:
+            return
+        deliveries = []
+        for sub in subs:
+            deliveries.extend(self._retained_for(sub, now_ms))
+        for d in reversed(deliveries):
+            session.queue.appendleft(d)
+            session.queued_bytes += len(d.message.record)
         self.pump(session)
 
     def unsubscribe(self, session, filters):
@@ -579,6 +604,8 @@ class Broker:
                 continue
             found = cache.get(topic)
             if found is None:
+                if len(cache) >= ROUTE_CACHE_MAX:
+                    cache.clear()
                 found = cache[topic] = trie.match(topic.decode())
             if not found:
                 continue
@@ -634,7 +661,7 @@ class Broker:
         return routes
 
     def _retain(self, index, topic, record):
-        payload_empty = Message(record).payload == b""
+        payload_empty = record_fields(record)[5] == b""
         # MQTT 5.0 §3.3.1.3: a retained PUBLISH with an empty payload removes the
         # topic's retained message; it is not stored as one.
         self.ops.retained.append((index, topic, None if payload_empty else record))
@@ -676,45 +703,47 @@ class Broker:
             self.metrics["deliveries_qos0_offline_dropped"] += 1
             return None
         retain = message.retain and rap
-        if (s.max_queued_messages and session.size() >= s.max_queued_messages) or \
-                (s.max_queued_bytes and session.queued_bytes >= s.max_queued_bytes):
-            if s.queue_full == "drop_oldest" and (session.queue or session.pending):
-                if session.queue:
-                    self._forget(session, session.queue.popleft())
-                else:
-                    self._drop_pending(session)
-                self.metrics["queue_full_dropped"] += 1
-                self._log_full(session, "dropped its oldest queued message")
-            else:
+        if s.queue_full == "refuse" and self._full(session):
+            self._drop_expired(session, message.time_ms)
+            if self._full(session):
                 self.metrics["queue_full_refused"] += 1
                 self._log_full(session, "refused a new message")
                 return None
+        # drop_oldest makes room in ``committed``, once the new copy is known to be
+        # stored (a duplicate or a refused batch must not cost an older message).
         seq = None
         if session.persistent and qos > 0:
             seq = session.next_seq
             session.next_seq += 1
-        d = Delivery(message, qos, retain, sub_ids, share, seq)
+        d = Delivery(message, qos, retain, sub_ids[:MAX_SUB_IDS], share, seq)
         if seq is not None:
             self.ops.queued.append((index, queue_key(session.prefix, seq), d.queue_value()))
-        d.generation = self.generation
-        session.pending.append(d)
+        session.pending += 1
         session.queued_bytes += len(message.record)
         return d
 
-    def _drop_pending(self, session):
-        """Drop the oldest copy routed to a session but not committed yet."""
-        d = session.pending.popleft()
-        d.state = DROPPED
-        session.queued_bytes -= len(d.message.record)
-        if d.seq is None:
-            return
-        key = queue_key(session.prefix, d.seq)
-        if d.generation == self.generation:
-            # Its entry is in self.ops.queued, which take_ops filters.
-            self._dropped_keys.add(key)
-        else:
-            # Its entry is being committed with the batch in flight: delete it after.
-            self.ops.writes.append((OP_DELETE, b"queue", key, None))
+    def _full(self, session):
+        s = self.settings
+        return (s.max_queued_messages and session.size() >= s.max_queued_messages) or \
+            (s.max_queued_bytes and session.queued_bytes >= s.max_queued_bytes)
+
+    def _drop_expired(self, session, now_ms):
+        """Expired messages at the head of a full queue go before anything is refused."""
+        queue = session.queue
+        while queue and queue[0].message.expires_ms and queue[0].message.expires_ms <= now_ms:
+            self._forget(session, queue.popleft())
+            self.metrics["deliveries_expired"] += 1
+
+    def _trim(self, session, now_ms):
+        """drop_oldest: drop queued (never in-flight) copies until the session fits."""
+        s = self.settings
+        self._drop_expired(session, now_ms)
+        while session.queue and (
+                (s.max_queued_messages and session.size() > s.max_queued_messages) or
+                (s.max_queued_bytes and session.queued_bytes > s.max_queued_bytes)):
+            self._forget(session, session.queue.popleft())
+            self.metrics["queue_full_dropped"] += 1
+            self._log_full(session, "dropped its oldest queued message")
 
     def _log_full(self, session, what):
         if not session.full_logged:
@@ -735,23 +764,33 @@ class Broker:
 
     # -- after the commit ---------------------------------------------------------
 
-    def committed(self, routes, results):
+    def committed(self, routes, results, now_ms):
         """The batch is stored: its copies join their sessions' queues."""
         dirty = self.dirty
+        trim = self.settings.queue_full == "drop_oldest"
+        grown = set()
         for index, copies in routes.items():
             duplicate = results[index][2]
             for session, d in copies:
-                if d.state == DROPPED:
+                session.pending -= 1
+                if duplicate:
+                    session.queued_bytes -= len(d.message.record)
                     continue
-                pending = session.pending
-                if pending and pending[0] is d:
-                    pending.popleft()
-                if duplicate or session.ended:
+                if d.share is not None and session.conn is None:
+                    # The member it was meant for left while it was being committed.
+                    session = self._reassign(session, d)
+                    if session is None:
+                        continue
+                elif session.ended:
                     session.queued_bytes -= len(d.message.record)
                     continue
                 session.queue.append(d)
+                if trim:
+                    grown.add(session)
                 if session.conn is not None:
                     dirty.add(session)
+        for session in grown:
+            self._trim(session, now_ms)
         for index, topic, record in self._retained_done:
             if results[index][2]:
                 continue
@@ -766,30 +805,27 @@ class Broker:
     def take_ops(self):
         """The store writes for the next commit (and the retained changes it carries)."""
         ops, self.ops = self.ops, StoreOps()
-        self.generation += 1
-        if self._dropped_keys:
-            dropped, self._dropped_keys = self._dropped_keys, set()
-            ops.queued = [entry for entry in ops.queued if entry[1] not in dropped]
         self._retained_done = ops.retained
         return ops
 
-    def refused(self, routes, ops):
-        """The batch was refused (store full): undo its copies; keep its state writes."""
+    def refused(self, routes, ops, store_full):
+        """The batch was not committed: undo its copies.
+
+        After StoreFull its state writes are kept for the next batch; after any
+        other error they are dropped (they may be what failed) and logged.
+        """
         for copies in routes.values():
             for session, d in copies:
-                if d.state == DROPPED:
-                    continue
-                pending = session.pending
-                if pending and pending[0] is d:
-                    pending.popleft()
+                session.pending -= 1
                 session.queued_bytes -= len(d.message.record)
         self._retained_done = ()
         if ops.writes:
-            self.ops.writes[:0] = ops.writes
-
-    def _enqueue(self, session, d):
-        session.queue.append(d)
-        session.queued_bytes += len(d.message.record)
+            if store_full:
+                self.ops.writes[:0] = ops.writes
+            else:
+                self.metrics["session_writes_lost"] += len(ops.writes)
+                log.error("%d session/queue writes were lost with a failed commit",
+                          len(ops.writes))
 
     # -- sending -------------------------------------------------------------
 
@@ -800,7 +836,8 @@ class Broker:
         copies still sendable (the server sends the buffer, then pumps again).
         """
         conn = session.conn
-        if conn is None:
+        if conn is None or conn.state == STATE_CLOSED or conn.close_after_flush:
+            # MQTT 5.0 §3.14.4 [MQTT-3.14.4-1]: nothing follows a DISCONNECT.
             return False
         window = self._window(session)
         queue = session.queue
@@ -831,7 +868,7 @@ class Broker:
                 del inflight[packet_id]
                 self._forget(session, d)
                 continue
-            if d.seq is not None:
+            if d.seq is not None and session.stored:
                 # Lazily, with the next batch: which packet id the copy went out with,
                 # so a restart re-sends it with DUP and the same id.
                 self.ops.writes.append((OP_PUT, b"queue", queue_key(session.prefix, d.seq),
@@ -901,7 +938,7 @@ class Broker:
         if d is None or d.qos != 2:
             return False
         d.state = RELEASED
-        if d.seq is not None:
+        if d.seq is not None and session.stored:
             self.ops.writes.append((OP_PUT, b"queue", queue_key(session.prefix, d.seq),
                                     d.queue_value()))
         return True
@@ -918,49 +955,75 @@ class Broker:
     # -- shared subscriptions ------------------------------------------------------
 
     def _hand_over_shared(self, session):
-        """A member leaves: its shared copies not yet received go to another member."""
+        """A member leaves: its shared copies not yet received go to another member.
+
+        MQTT 5.0 §4.8.2: a QoS 2 copy already sent stays with its member (it
+        must be completed with that client when it reconnects, [MQTT-4.8.2-4]
+        and [MQTT-4.8.2-5]); a QoS 1 copy sent and unacknowledged, or any copy
+        still queued, may go to another member.  Copies nobody can take stay
+        where they were, in their order.
+        """
         if not self.shares:
             return
+        takers = {}
+
+        def taker(share):
+            if share not in takers:
+                takers[share] = self._other_member(share, session)
+            return takers[share]
+
+        kept = deque()
         moved = []
-        keep = deque()
         for d in session.queue:
-            (moved if d.share is not None else keep).append(d)
+            if d.share is not None and taker(d.share) is not None:
+                moved.append(d)
+            else:
+                kept.append(d)
         for packet_id, d in list(session.inflight.items()):
-            if d.share is not None and d.state == SENT:
+            if d.share is not None and d.state == SENT and d.qos == 1 \
+                    and taker(d.share) is not None:
                 del session.inflight[packet_id]
                 moved.append(d)
         if not moved:
             return
-        session.queue = keep
-        touched = set()
+        session.queue = kept
         for d in moved:
-            group = self.shares.get(d.share)
-            target = None
-            if group is not None:
-                for client_id in group.members:
-                    other = self.sessions.get(client_id)
-                    if other is not None and other is not session and other.conn is not None:
-                        target = other
-                        break
-            if target is None:
-                # Nobody else to take it: it stays with this member.
-                if d.state == SENT:
-                    session.inflight[d.packet_id] = d
-                else:
-                    session.queue.append(d)
-                continue
             self._forget(session, d)
-            copy = Delivery(d.message, d.qos, d.retain, d.sub_ids, d.share, None)
-            if target.persistent and copy.qos:
-                copy.seq = target.next_seq
-                target.next_seq += 1
-                self.ops.writes.append((OP_PUT, b"queue", queue_key(target.prefix, copy.seq),
-                                        copy.queue_value()))
-            self._enqueue(target, copy)
-            touched.add(target)
-            self.metrics["shared_handed_over"] += 1
-        for target in touched:
-            self.dirty.add(target)
+            self._give(takers[d.share], d)
+
+    def _reassign(self, session, d):
+        """A shared copy committed for a member that has left: another member, or it stays."""
+        target = self._other_member(d.share, session)
+        if target is None:
+            if session.ended:
+                session.queued_bytes -= len(d.message.record)
+                return None
+            return session
+        self._forget(session, d)
+        self._give(target, d)
+        return None
+
+    def _other_member(self, share, leaving):
+        group = self.shares.get(share)
+        if group is None:
+            return None
+        for client_id in group.members:
+            other = self.sessions.get(client_id)
+            if other is not None and other is not leaving and other.conn is not None:
+                return other
+        return None
+
+    def _give(self, target, d):
+        copy = Delivery(d.message, d.qos, d.retain, d.sub_ids, d.share, None)
+        if target.persistent and copy.qos:
+            copy.seq = target.next_seq
+            target.next_seq += 1
+            self.ops.writes.append((OP_PUT, b"queue", queue_key(target.prefix, copy.seq),
+                                    copy.queue_value()))
+        target.queue.append(copy)
+        target.queued_bytes += len(copy.message.record)
+        self.dirty.add(target)
+        self.metrics["shared_handed_over"] += 1
 
 
 def _covers(deny, requested):

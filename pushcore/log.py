@@ -46,7 +46,7 @@ from struct import Struct
 
 import lmdb
 
-from pushcore._ingest import batch_partitions, batch_rows, id_entries
+from pushcore._ingest import batch_partitions, batch_rows, id_entries, id_hash, record_fields
 from pushcore.errors import PartitionMismatch, StoreError, StoreFull
 from pushcore.record import record_time_ms
 
@@ -78,7 +78,7 @@ QUEUE_RETAIN = 0x01
 QUEUE_SENT = 0x02
 QUEUE_RELEASED = 0x04
 QUEUE_FORMAT = 1
-_QUEUE_HEAD = Struct(">BBBHB")
+_QUEUE_HEAD = Struct(">BBBHH")
 
 
 class StoreOps:
@@ -99,6 +99,18 @@ class StoreOps:
 
     def __bool__(self):
         return bool(self.writes or self.queued or self.retained)
+
+
+# LMDB keys are at most 511 bytes; a topic name may be 65535.  A longer topic is
+# keyed by its hash behind a NUL, which no topic name contains (MQTT 5.0 §1.5.4).
+RETAINED_KEY_MAX = 480
+
+
+def retained_key(topic):
+    """The ``retained`` DB key of a topic (UTF-8 bytes)."""
+    if len(topic) <= RETAINED_KEY_MAX:
+        return topic
+    return b"\0" + id_hash(b"retained", topic)
 
 
 def queue_prefix(client_id):
@@ -408,10 +420,11 @@ class Log:
         for index, topic, record in ops.retained:
             if index in duplicates:
                 continue
+            key = retained_key(topic)
             if record is None:
-                txn.delete(topic, db=retained_db)
+                txn.delete(key, db=retained_db)
             else:
-                txn.put(topic, record, db=retained_db)
+                txn.put(key, record, db=retained_db)
 
     @staticmethod
     def _delete_prefix(txn, db, prefix, limit):
@@ -634,13 +647,20 @@ class Log:
         return out
 
     def load_sessions(self):
-        """(client id, session JSON dict, [(seq, queue value bytes), ...]) for each session."""
+        """Every stored session, and the queue prefixes no session owns.
+
+        Returns ([(client id, session JSON dict, [(seq, queue value), ...])],
+        [orphan prefix, ...]).  An orphan is left by a session whose end was
+        not committed before a crash; the broker deletes it.
+        """
         out = []
+        owned = set()
         with self._env.begin() as txn:
             queue = txn.cursor(self._queue)
             for key, value in txn.cursor(self._session):
                 client = key.decode()
                 prefix = queue_prefix(client)
+                owned.add(prefix)
                 entries = []
                 if queue.set_range(prefix):
                     for qkey, qvalue in queue:
@@ -648,12 +668,21 @@ class Log:
                             break
                         entries.append((_U64.unpack(qkey[len(prefix):])[0], bytes(qvalue)))
                 out.append((client, json.loads(value), entries))
-        return out
+            orphans = []
+            seen = None
+            for qkey in txn.cursor(self._queue).iternext(keys=True, values=False):
+                prefix = qkey[:2 + int.from_bytes(qkey[:2], "big")]
+                if prefix != seen:
+                    seen = prefix
+                    if prefix not in owned:
+                        orphans.append(prefix)
+        return out, orphans
 
     def retained(self):
-        """Every retained message: {topic: record bytes}."""
+        """Every retained message: {topic: record bytes} (the topic read from the record)."""
         with self._env.begin() as txn:
-            return {key.decode(): bytes(value) for key, value in txn.cursor(self._retained)}
+            return {record_fields(bytes(value))[2]: bytes(value)
+                    for _key, value in txn.cursor(self._retained)}
 
     def stats(self):
         per_partition = []

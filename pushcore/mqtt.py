@@ -47,6 +47,7 @@ from ._frame import (
     encode_properties,
 )
 from ._ingest import STATE_CLOSED, STATE_CONNECTED, STATE_CONNECTING, ConnState
+from .broker import MAX_STORED_CLIENT_ID
 from .errors import (
     ClientIdentifierNotValid,
     ImplementationSpecificError,
@@ -224,6 +225,14 @@ class MQTTServerConnection(ConnState):
             self.receive_maximum_out = props.get("receive_maximum", 65535)
             self.topic_alias_maximum_out = props.get("topic_alias_maximum", 0)
         requested_expiry = props.get("session_expiry_interval", 0) if props is not None else 0
+        if self.broker is not None:
+            self.session_expiry = self.broker.session_expiry_for(self.version, p.clean_start,
+                                                                 requested_expiry)
+            if self.session_expiry and len(client_id.encode()) > MAX_STORED_CLIENT_ID:
+                # A kept session is stored under its client id (an LMDB key, bounded).
+                raise ClientIdentifierNotValid(
+                    f"client id of {len(client_id.encode())} bytes: at most "
+                    f"{MAX_STORED_CLIENT_ID} for a session kept after the connection")
         if p.will is not None and p.will.qos > s.max_qos:
             # MQTT 5.0 §3.2.2.2: a Will QoS above Maximum QoS is CONNACK 0x9B.
             raise MQTTError("will QoS above the server's maximum", QOS_NOT_SUPPORTED)
@@ -234,8 +243,6 @@ class MQTTServerConnection(ConnState):
         present = False
         broker = self.broker
         if broker is not None:
-            self.session_expiry = broker.session_expiry_for(self.version, p.clean_start,
-                                                            requested_expiry)
             present = broker.connect(self, p.clean_start, self.session_expiry,
                                      self.ingest.now_ms)
         if self.version == MQTT5:
@@ -372,21 +379,26 @@ class MQTTServerConnection(ConnState):
             if ids:
                 sub_id = ids[0] if isinstance(ids, list) else ids
         session = self.session
-        codes, retained = broker.subscribe(session, p.subscriptions, sub_id, self.ingest.now_ms)
+        codes, wanted = broker.subscribe(session, p.subscriptions, sub_id)
         suback = encode(Suback(p.packet_id, codes, None), self.version)
         if session.persistent:
             # The subscription is part of the stored session: SUBACK only once the
             # session record holding it is committed, like a PUBACK.
-            self.server.after_commit(self._suback_committed, suback, retained)
+            self.server.after_commit(self._after_commit, suback, wanted)
         else:
             self.out += suback
-            broker.queue_retained(session, retained)
+            if wanted:
+                # Retained messages once what is committing now is committed: a newer
+                # retained message in that batch is the one to send.
+                self.server.after_commit(self._after_commit, b"", wanted)
 
-    def _suback_committed(self, suback, retained):
+    def _after_commit(self, reply, wanted):
+        """A SUBACK/UNSUBACK and retained messages that waited for the commit."""
         if self.state == STATE_CLOSED:
             return
-        self.out += suback
-        self.broker.queue_retained(self.session, retained)
+        self.out += reply
+        if wanted:
+            self.broker.send_retained(self.session, wanted, self.ingest.now_ms)
         self.transport.flush()
 
     def handle_unsubscribe(self, p):
@@ -397,9 +409,14 @@ class MQTTServerConnection(ConnState):
         else:
             codes = self.broker.unsubscribe(self.session, p.filters)
         if self.version == MQTT5:
-            self.out += encode(Unsuback(p.packet_id, codes, None), MQTT5)
+            unsuback = encode(Unsuback(p.packet_id, codes, None), MQTT5)
         else:
-            self.out += encode(Unsuback(p.packet_id, [], None), MQTT311)
+            unsuback = encode(Unsuback(p.packet_id, [], None), MQTT311)
+        if self.session is not None and self.session.persistent:
+            # As SUBACK: once the stored session no longer holds the subscription.
+            self.server.after_commit(self._after_commit, unsuback, None)
+        else:
+            self.out += unsuback
 
     def handle_disconnect(self, p):
         if self.version == MQTT5 and p.properties and self.session is not None:

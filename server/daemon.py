@@ -327,11 +327,20 @@ class Server:
             batch.extend(self.ingest.take())
         else:
             batch = self.ingest.take()
-        self.committing = batch
         now_ms = self.ingest.now_ms
         # Routing before the commit: a persistent subscriber's copy is written in the
         # same transaction as the message (pushcore/broker.py).
-        self.committing_routes = self.broker.route(batch, now_ms)
+        try:
+            routes = self.broker.route(batch, now_ms)
+        except Exception:
+            # A bug in routing must not stop the commits (and with them every ack):
+            # this batch is stored and acked, its deliveries are lost and counted.
+            log.exception("routing a batch of %d messages failed", len(batch.items))
+            self.metrics["internal_errors"] += 1
+            self.metrics["deliveries_lost_routing_error"] += len(batch.items)
+            routes = {}
+        self.committing = batch
+        self.committing_routes = routes
         ops = self.committing_ops = self.broker.take_ops()
         self.committing_callbacks, self.callbacks = self.callbacks, []
         self.writer.append(batch, ops if ops else None, now_ms, self._committed)
@@ -344,13 +353,13 @@ class Server:
         callbacks, self.committing_callbacks = self.committing_callbacks, []
         if error is None:
             self._ack(batch, results)
-            self.broker.committed(routes, results)
+            self.broker.committed(routes, results, self.ingest.now_ms)
             for fn, args in callbacks:
                 fn(*args)
             for proto in self.broker.flush_dirty():
                 proto.transport.deliver()
         else:
-            self.broker.refused(routes, ops or StoreOps())
+            self.broker.refused(routes, ops or StoreOps(), isinstance(error, StoreFull))
             self.callbacks[:0] = callbacks
             self._refuse(batch, error)
         if self.global_paused:
