@@ -252,7 +252,7 @@ SUB_IDLE_S = 2
 SUB_GRACE_S = 60
 
 
-def fan(exe, port, subscribers, publishers, published):
+def fan(exe, port, subscribers, publishers, published, rate=None):
     """One fan-in or fan-out run, QoS 1 end to end, 64-byte payloads.
 
     Starts one mqttload -S with `subscribers` connections on a fresh topic, waits
@@ -262,7 +262,9 @@ def fan(exe, port, subscribers, publishers, published):
     the last message; its percentiles are publish->delivery latencies, from the
     timestamp the publisher puts in the payload.  {"error": reason} instead when
     anything fails, or when the subscribers did not receive exactly as many
-    messages as were sent to them.
+    messages as were sent to them.  With ``rate`` the publishers offer that many
+    messages/s in all (mqttload -r), so the latency is the broker's own delay
+    rather than the time a backlog takes to drain.
     """
     topic = f"bench/fan/{os.getpid()}-{time.monotonic_ns()}"
     codes = suback_codes(port, f"{topic}/#", 1)
@@ -280,7 +282,8 @@ def fan(exe, port, subscribers, publishers, published):
                 out, err = sub.communicate(timeout=10)
                 return {"error": f"subscriber not ready: {last_words(err, out, *seen[-1:])}"}
             pub = mqttload(exe, port, ["-t", topic, "-c", str(publishers), "-n", str(published),
-                                       "-q", "1", "-s", "64", "-w", "32"])
+                                       "-q", "1", "-s", "64", "-w", "32"]
+                           + (["-r", str(rate)] if rate else []))
             if "error" in pub:
                 return {"error": f"publisher: {pub['error']}"}
             wait = SUB_IDLE_S + SUB_GRACE_S + 3 * pub["secs"]
@@ -333,6 +336,14 @@ def scenario_table(quick):
            "delivered msg/s", "rate"),
           ("Fan-out: publish→delivery p50 (µs)", "p50_us"),
           ("Fan-out: publish→delivery p99 (µs)", "p99_us")]),
+        ("fan-in-20k", lambda exe, port: fan(exe, port, subscribers=1, publishers=16,
+                                             published=fan_in // 2, rate=20_000),
+         [("Fan-in at a fixed 20,000 msg/s: publish→delivery p50 (µs)", "p50_us"),
+          ("Fan-in at a fixed 20,000 msg/s: publish→delivery p99 (µs)", "p99_us")]),
+        ("fan-out-2k", lambda exe, port: fan(exe, port, subscribers=16, publishers=1,
+                                             published=fan_out // 2, rate=2_000),
+         [("Fan-out at a fixed 2,000 msg/s × 16: publish→delivery p50 (µs)", "p50_us"),
+          ("Fan-out at a fixed 2,000 msg/s × 16: publish→delivery p99 (µs)", "p99_us")]),
     ]
 
 
@@ -380,7 +391,7 @@ def main():
     ap.add_argument("--durability", default="fsync", choices=["fsync", "os"])
     ap.add_argument("--only", metavar="NAMES",
                     help="comma-separated scenarios to run (qos1, qos2, latency-50k, latency-5k, "
-                         "fan-in, fan-out, idle); the table is printed, RESULTS.md left as it is")
+                         "fan-in, fan-out, fan-in-20k, fan-out-2k, idle); the table is printed, RESULTS.md left as it is")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
