@@ -181,7 +181,9 @@ class Session:
         # Seconds after the connection ends; 0 ends it with the connection.
         self.expiry = expiry
         self.subs = {}
-        self.queue = deque()
+        # Most sessions never queue anything (publishers): the deque, some 600
+        # bytes, is made by writable_queue() at the first copy.
+        self.queue = ()
         # packet id -> Delivery, in the order they were sent.
         self.inflight = {}
         self.conn = None
@@ -197,6 +199,12 @@ class Session:
         self.queued_bytes = 0
         # True while a session row (and maybe queue entries) may be in the store.
         self.stored = False
+
+    def writable_queue(self):
+        queue = self.queue
+        if queue.__class__ is not deque:
+            queue = self.queue = deque()
+        return queue
 
     @property
     def persistent(self):
@@ -302,7 +310,7 @@ class Broker:
                     d.state = RELEASED if flags & QUEUE_RELEASED else SENT
                     session.inflight[packet_id] = d
                 else:
-                    session.queue.append(d)
+                    session.writable_queue().append(d)
                 session.queued_bytes += len(record)
             self.sessions[client_id] = session
             self._arm_expiry(session, now_ms)
@@ -414,7 +422,7 @@ class Broker:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         self._hand_over_shared(session)
-        session.queue.clear()
+        session.queue = ()
         session.inflight.clear()
         self.dirty.discard(session)
         session.expiry = 0
@@ -531,8 +539,9 @@ class Broker:
         deliveries = []
         for sub in subs:
             deliveries.extend(self._retained_for(sub, now_ms))
+        queue = session.writable_queue() if deliveries else session.queue
         for d in reversed(deliveries):
-            session.queue.appendleft(d)
+            queue.appendleft(d)
             session.queued_bytes += len(d.message.record)
         self.pump(session)
 
@@ -784,7 +793,7 @@ class Broker:
                 elif session.ended:
                     session.queued_bytes -= len(d.message.record)
                     continue
-                session.queue.append(d)
+                session.writable_queue().append(d)
                 if trim:
                     grown.add(session)
                 if session.conn is not None:
@@ -1020,7 +1029,7 @@ class Broker:
             target.next_seq += 1
             self.ops.writes.append((OP_PUT, b"queue", queue_key(target.prefix, copy.seq),
                                     copy.queue_value()))
-        target.queue.append(copy)
+        target.writable_queue().append(copy)
         target.queued_bytes += len(copy.message.record)
         self.dirty.add(target)
         self.metrics["shared_handed_over"] += 1
