@@ -39,11 +39,12 @@ Choices the specifications leave open, made as Mosquitto users expect:
   subscribers) or drops the oldest queued message; both are counted and logged.
 """
 
+import base64
 import json
 import logging
 from collections import deque
 
-from ._frame import decode_properties, encode_properties
+from ._frame import Will, decode_properties, encode_properties
 from .errors import ProtocolError, TopicFilterInvalid
 from .log import (
     OP_DELETE,
@@ -164,7 +165,8 @@ class Delivery:
         flags = (QUEUE_RETAIN if self.retain else 0) | (QUEUE_SENT if self.state != QUEUED else 0)
         if self.state == RELEASED:
             flags |= QUEUE_RELEASED
-        return encode_queue_value(self.qos, flags, self.packet_id, self.sub_ids,
+        share = f"$share/{self.share[0]}/{self.share[1]}" if self.share else None
+        return encode_queue_value(self.qos, flags, self.packet_id, self.sub_ids, share,
                                   self.message.record)
 
 
@@ -173,7 +175,7 @@ class Session:
 
     __slots__ = ("client_id", "version", "expiry", "subs", "queue", "inflight", "conn",
                  "pending", "next_seq", "next_packet_id", "prefix", "disconnected_ms",
-                 "expiry_timer", "ended", "full_logged", "queued_bytes", "stored")
+                 "expiry_timer", "ended", "full_logged", "queued_bytes", "stored", "will")
 
     def __init__(self, client_id, version, expiry, next_seq=0):
         self.client_id = client_id
@@ -199,6 +201,8 @@ class Session:
         self.queued_bytes = 0
         # True while a session row (and maybe queue entries) may be in the store.
         self.stored = False
+        # (Will, due time ms) while a Will waits for its Will Delay Interval.
+        self.will = None
 
     def writable_queue(self):
         queue = self.queue
@@ -211,9 +215,17 @@ class Session:
         return self.expiry > 0
 
     def to_json(self):
-        return json.dumps({"v": 1, "version": self.version, "expiry": self.expiry,
-                           "subs": [s.to_json() for s in self.subs.values()],
-                           "disconnected_ms": self.disconnected_ms}).encode()
+        state = {"v": 1, "version": self.version, "expiry": self.expiry,
+                 "subs": [s.to_json() for s in self.subs.values()],
+                 "disconnected_ms": self.disconnected_ms}
+        if self.will is not None:
+            will, due_ms = self.will
+            state["will"] = {"topic": will.topic, "qos": will.qos, "retain": will.retain,
+                             "payload_b64": base64.b64encode(will.payload).decode(),
+                             "properties_b64": base64.b64encode(
+                                 encode_properties(will.properties or {})).decode(),
+                             "due_ms": due_ms}
+        return json.dumps(state).encode()
 
     def size(self):
         return len(self.queue) + len(self.inflight) + self.pending
@@ -299,11 +311,12 @@ class Broker:
                 session.subs[sub.filter] = sub
                 self._add_to_trie(session, sub)
             for seq, value in entries:
-                qos, flags, packet_id, sub_ids, record = decode_queue_value(value)
+                qos, flags, packet_id, sub_ids, share, record = decode_queue_value(value)
                 message = messages.get(record)
                 if message is None:
                     message = messages[record] = Message(record)
-                d = Delivery(message, qos, bool(flags & QUEUE_RETAIN), sub_ids, None, seq)
+                d = Delivery(message, qos, bool(flags & QUEUE_RETAIN), sub_ids,
+                             parse_shared(share) if share else None, seq)
                 session.next_seq = max(session.next_seq, seq + 1)
                 if flags & QUEUE_SENT and packet_id and packet_id not in session.inflight:
                     d.packet_id = packet_id
@@ -313,6 +326,12 @@ class Broker:
                     session.writable_queue().append(d)
                 session.queued_bytes += len(record)
             self.sessions[client_id] = session
+            stored_will = state.get("will")
+            if stored_will is not None:
+                props = decode_properties(base64.b64decode(stored_will["properties_b64"]))
+                will = Will(stored_will["topic"], base64.b64decode(stored_will["payload_b64"]),
+                            stored_will["qos"], stored_will["retain"], props or None)
+                self._arm_will(session, will, stored_will["due_ms"], now_ms)
             self._arm_expiry(session, now_ms)
         log.info("loaded %d sessions, %d retained messages", len(self.sessions), len(self.retained))
 
@@ -328,13 +347,13 @@ class Broker:
             # Will still waiting for its delay (§3.1.3.2.2, as Mosquitto does).
             self._end_session(session, now_ms)
             session = None
-        will = self.pending_wills.pop(client_id, None)
-        if will is not None:
-            # MQTT 5.0 §3.1.3.2.2: the client came back within its Will Delay Interval.
-            will[0].cancel()
-            self.metrics["wills_cancelled"] += 1
         if session is not None:
             present = True
+            if session.will is not None:
+                # MQTT 5.0 §3.1.3.2.2: the client came back within its Will Delay Interval.
+                self.pending_wills.pop(client_id).cancel()
+                session.will = None
+                self.metrics["wills_cancelled"] += 1
             if session.expiry_timer is not None:
                 session.expiry_timer.cancel()
                 session.expiry_timer = None
@@ -427,32 +446,45 @@ class Broker:
         self.dirty.discard(session)
         session.expiry = 0
         self._save(session)
-        will = self.pending_wills.pop(session.client_id, None)
-        if will is not None:
+        if session.will is not None:
             # MQTT 5.0 §3.1.3.2.2: the Will is published when the session ends,
             # if that comes before the Will Delay Interval has passed.
-            will[0].cancel()
-            self.publish_will(session.client_id, will[1])
+            self.pending_wills.pop(session.client_id).cancel()
+            will, session.will = session.will[0], None
+            self.publish_will(session.client_id, will)
 
-    def delay_will(self, client_id, will, delay_s):
-        """Publish a Will after its delay unless the client reconnects (§3.1.3.2.2)."""
+    def delay_will(self, client_id, will, delay_s, now_ms):
+        """Publish a Will after its delay unless the client reconnects (§3.1.3.2.2).
+
+        The waiting Will is part of the stored session, so a restart (SIGTERM or
+        a crash) publishes it when it falls due rather than losing it.
+        """
         session = self.sessions.get(client_id)
         if session is None or not session.persistent:
             self.publish_will(client_id, will)
             return
         if session.expiry != EXPIRY_NEVER:
             delay_s = min(delay_s, session.expiry)
-        timer = self.schedule(delay_s, self._will_due, client_id)
-        self.pending_wills[client_id] = (timer, will)
+        self._arm_will(session, will, now_ms + int(delay_s * 1000), now_ms)
+        self._save(session)
 
-    def _will_due(self, client_id):
-        entry = self.pending_wills.pop(client_id, None)
-        if entry is not None:
-            self.publish_will(client_id, entry[1])
+    def _arm_will(self, session, will, due_ms, now_ms):
+        session.will = (will, due_ms)
+        self.pending_wills[session.client_id] = self.schedule(
+            max(0.0, (due_ms - now_ms) / 1000), self._will_due, session)
 
-    def discard_pending_wills(self):
-        """Shutting down: a delayed Will is not published (the client reconnects to the next run)."""
-        for timer, _will in self.pending_wills.values():
+    def _will_due(self, session):
+        self.pending_wills.pop(session.client_id, None)
+        if session.will is None:
+            return
+        will, session.will = session.will[0], None
+        if not session.ended:
+            self._save(session)
+        self.publish_will(session.client_id, will)
+
+    def stop_will_timers(self):
+        """Shutting down: waiting Wills stay stored and fall due in the next run."""
+        for timer in self.pending_wills.values():
             timer.cancel()
         self.pending_wills.clear()
 

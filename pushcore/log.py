@@ -17,8 +17,10 @@ Databases and their bytes (all integers big-endian)::
     session      client id      -> JSON session state (pushcore.broker.Session)
     queue        u16 client id length + client id + u64 seq
                                 -> a queued delivery (pushcore.broker): u8 format,
-                                   u8 qos, u8 flags, u16 packet id, u8 n, n x u32
-                                   subscription ids, then the record bytes
+                                   u8 qos, u8 flags, u16 packet id, u16 n, n x u32
+                                   subscription ids, u16 S, S bytes of the
+                                   "$share/NAME/FILTER" it came through (S = 0:
+                                   none), then the record bytes
     retained     topic          -> record (the topic's retained message)
     retry, dlq, cursor          created empty for later features
 
@@ -77,7 +79,7 @@ OP_DELETE_PREFIX = 2
 QUEUE_RETAIN = 0x01
 QUEUE_SENT = 0x02
 QUEUE_RELEASED = 0x04
-QUEUE_FORMAT = 1
+QUEUE_FORMAT = 2
 _QUEUE_HEAD = Struct(">BBBHH")
 
 
@@ -123,21 +125,26 @@ def queue_key(prefix, seq):
     return prefix + _U64.pack(seq)
 
 
-def encode_queue_value(qos, flags, packet_id, sub_ids, record):
+def encode_queue_value(qos, flags, packet_id, sub_ids, share, record):
+    """A queue entry; ``share`` is the "$share/NAME/FILTER" it came through, or None."""
     head = _QUEUE_HEAD.pack(QUEUE_FORMAT, qos, flags, packet_id, len(sub_ids))
     if sub_ids:
         head += b"".join(_U32.pack(s) for s in sub_ids)
-    return head + record
+    shared = share.encode() if share else b""
+    return head + len(shared).to_bytes(2, "big") + shared + record
 
 
 def decode_queue_value(value):
-    """(qos, flags, packet id, sub ids tuple, record bytes) of a queue value."""
+    """(qos, flags, packet id, sub ids tuple, share or None, record bytes) of a queue value."""
     version, qos, flags, packet_id, n = _QUEUE_HEAD.unpack_from(value, 0)
     if version != QUEUE_FORMAT:
         raise StoreError(f"unknown queue entry format {version}")
     pos = _QUEUE_HEAD.size
     sub_ids = tuple(_U32.unpack_from(value, pos + 4 * i)[0] for i in range(n))
-    return qos, flags, packet_id, sub_ids, bytes(value[pos + 4 * n:])
+    pos += 4 * n
+    share_len = int.from_bytes(value[pos:pos + 2], "big")
+    share = bytes(value[pos + 2:pos + 2 + share_len]).decode() if share_len else None
+    return qos, flags, packet_id, sub_ids, share, bytes(value[pos + 2 + share_len:])
 
 
 def _part_meta_key(partition):
@@ -620,7 +627,7 @@ class Log:
                             break
                         queued += 1
                         entry = decode_queue_value(qvalue)
-                        queued_bytes += len(entry[4])
+                        queued_bytes += len(entry[5])
                         if entry[1] & QUEUE_SENT:
                             inflight += 1
                 out.append({"client_id": client, "version": session["version"],
@@ -631,7 +638,7 @@ class Log:
         return out
 
     def queue(self, client_id, limit=None):
-        """A session's queued deliveries: (seq, qos, flags, packet id, sub ids, record)."""
+        """A session's queued deliveries: (seq, qos, flags, packet id, sub ids, share, record)."""
         prefix = queue_prefix(client_id)
         out = []
         with self._env.begin() as txn:
@@ -641,9 +648,9 @@ class Log:
             for key, value in cursor:
                 if key[:len(prefix)] != prefix or (limit is not None and len(out) >= limit):
                     break
-                qos, flags, packet_id, sub_ids, record = decode_queue_value(value)
+                qos, flags, packet_id, sub_ids, share, record = decode_queue_value(value)
                 out.append((_U64.unpack(key[len(prefix):])[0], qos, flags, packet_id,
-                            sub_ids, record))
+                            sub_ids, share, record))
         return out
 
     def load_sessions(self):

@@ -563,7 +563,7 @@ class MQTTServerConnection(ConnState):
         self.will = None
         delay = will.properties.get("will_delay_interval", 0) if will.properties else 0
         if delay and self.broker is not None and self.session_expiry:
-            self.broker.delay_will(self.client_id, will, delay)
+            self.broker.delay_will(self.client_id, will, delay, self.ingest.now_ms)
         else:
             publish_will(self.ingest, self.settings, self.client_id, will)
 

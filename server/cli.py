@@ -119,12 +119,13 @@ def cmd_sessions(args):
     if args.client is not None:
         s = sessions[0]
         entries = []
-        for seq, qos, flags, packet_id, sub_ids, record in queue:
+        for seq, qos, flags, packet_id, sub_ids, share, record in queue:
             r = decode_record(record)
             entries.append({"seq": seq, "topic": r.topic, "qos": qos, "bytes": len(r.payload),
                             "sent": bool(flags & 0x02), "pubrec": bool(flags & 0x04),
                             "packet_id": packet_id, "subscription_ids": list(sub_ids),
-                            "time_ms": r.time_ms, "publisher": r.client_id})
+                            "share": share, "time_ms": r.time_ms,
+                            "publisher": r.client_id})
         if args.json:
             print(json.dumps({**s, "queue": entries}, indent=2))
             return 0
@@ -139,7 +140,8 @@ def cmd_sessions(args):
         print(f"queue ({len(entries)} shown):")
         for e in entries:
             state = "pubrec'd" if e["pubrec"] else f"sent as {e['packet_id']}" if e["sent"] else "queued"
-            print(f"  {e['seq']:>8}  qos {e['qos']}  {state:<14} {e['bytes']:>8} B  {e['topic']}")
+            via = f"  (via {e['share']})" if e["share"] else ""
+            print(f"  {e['seq']:>8}  qos {e['qos']}  {state:<14} {e['bytes']:>8} B  {e['topic']}{via}")
         return 0
     if args.json:
         print(json.dumps({"sessions": sessions, "retained": retained}, indent=2))

@@ -535,7 +535,7 @@ class Server:
             self.listener.close()
         for conn in list(self.conns.values()):
             conn.pause(PAUSE_DRAIN)
-        self.broker.discard_pending_wills()
+        self.broker.stop_will_timers()
         if self.committing is None and not len(self.ingest.batch) and not self.broker.ops:
             self._finish_drain()
         elif self.committing is None:
