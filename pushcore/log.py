@@ -21,8 +21,23 @@ Databases and their bytes (all integers big-endian)::
                                    subscription ids, u16 S, S bytes of the
                                    "$share/NAME/FILTER" it came through (S = 0:
                                    none), then the record bytes
-    retained     topic          -> record (the topic's retained message)
-    retry, dlq, cursor          created empty for later features
+    retained     topic          -> record (the topic's retained message); a topic
+                                   longer than RETAINED_KEY_MAX is keyed by NUL + its hash
+    cursor       u16 sink id + u16 partition -> u64 next offset the sink reads
+    retry        u64 due ms + u16 sink id + u16 partition + u64 offset
+                                -> a failure (below), the record it retries
+    dlq          u16 sink id + u64 time ms + u16 partition + u64 offset
+                                -> a failure (below), the record given up on
+    meta         b"sinks"       -> JSON {sink name: sink id}, ids never reused
+
+A failure value: u32 attempts + u16 last HTTP status (0: none, e.g. a
+connection error) + u16 E + E bytes of the last error (UTF-8), then the
+record.  Retry and dead-letter entries carry a copy of the record, so
+retention may trim the log behind the cursors without losing them.
+
+Retention by age and by bytes never trims a record some registered sink's
+cursor has not passed; ``retention_hard_max_bytes`` (0 = off) trims past the
+cursors all the same and counts it.
 
 Offsets are contiguous per partition from 0 and never reused: trimming
 moves the head, never the tail.  The next offset of a partition is read
@@ -60,7 +75,6 @@ EXPIRE_MAX_DELETIONS = 10_000
 # Named DBs besides the partitions: meta, ids, ids.time, retry, dlq, cursor,
 # session, retained, plus headroom for later features.
 _EXTRA_DBS = 16
-_EMPTY_DBS = (b"retry", b"dlq", b"cursor")
 DURABILITY_MODES = ("fsync", "os")
 
 _U32 = Struct(">I")
@@ -115,6 +129,44 @@ def retained_key(topic):
     return b"\0" + id_hash(b"retained", topic)
 
 
+_U16 = Struct(">H")
+_CURSOR_KEY = Struct(">HH")
+_RETRY_KEY = Struct(">QHHQ")
+_DLQ_KEY = Struct(">HQHQ")
+_FAILURE_HEAD = Struct(">IHH")
+
+
+def cursor_key(sink_id, partition):
+    return _CURSOR_KEY.pack(sink_id, partition)
+
+
+def cursor_value(next_offset):
+    return _U64.pack(next_offset)
+
+
+def retry_key(due_ms, sink_id, partition, offset):
+    """Retry entries sort by due time: the engine reads the queue's head."""
+    return _RETRY_KEY.pack(due_ms, sink_id, partition, offset)
+
+
+def dlq_key(sink_id, time_ms, partition, offset):
+    return _DLQ_KEY.pack(sink_id, time_ms, partition, offset)
+
+
+def encode_failure(attempts, status, error, record):
+    """A retry or dead-letter value (format in the module docstring)."""
+    text = error.encode()[:0xFFFF]
+    return _FAILURE_HEAD.pack(attempts, status, len(text)) + text + record
+
+
+def decode_failure(value):
+    """(attempts, status, error, record) of a retry or dead-letter value."""
+    attempts, status, n = _FAILURE_HEAD.unpack_from(value, 0)
+    pos = _FAILURE_HEAD.size
+    return (attempts, status, bytes(value[pos:pos + n]).decode(errors="replace"),
+            bytes(value[pos + n:]))
+
+
 def queue_prefix(client_id):
     """The queue DB key prefix of one session: u16 length + client id."""
     raw = client_id.encode()
@@ -164,7 +216,7 @@ class Log:
 
     def __init__(self, path, partitions=8, map_size=1 << 30, durability="fsync",
                  dedup_window_ms=86_400_000, retention_max_age_ms=0, retention_max_bytes=0,
-                 readonly=False, now_ms=0):
+                 readonly=False, now_ms=0, retention_hard_max_bytes=0):
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         if partitions is None:
@@ -180,6 +232,7 @@ class Log:
         self.dedup_window_ms = dedup_window_ms
         self.retention_max_age_ms = retention_max_age_ms
         self.retention_max_bytes = retention_max_bytes
+        self.retention_hard_max_bytes = retention_hard_max_bytes
         if readonly and not os.path.exists(os.path.join(self.path, "data.mdb")):
             raise StoreError(f"no store at {self.path}")
         try:
@@ -259,8 +312,9 @@ class Log:
             self._session = env.open_db(b"session", txn=txn, create=create)
             self._queue = env.open_db(b"queue", txn=txn, create=create)
             self._retained = env.open_db(b"retained", txn=txn, create=create)
-            for name in _EMPTY_DBS:
-                env.open_db(name, txn=txn, create=create)
+            self._cursor = env.open_db(b"cursor", txn=txn, create=create)
+            self._retry = env.open_db(b"retry", txn=txn, create=create)
+            self._dlq = env.open_db(b"dlq", txn=txn, create=create)
         except lmdb.NotFoundError as exc:
             raise StoreError(f"store at {self.path} is incomplete: {exc}") from None
 
@@ -411,7 +465,8 @@ class Log:
 
     def _apply_ops(self, txn, ops, duplicates):
         """Write the broker's StoreOps; entries tied to a duplicate item are skipped."""
-        dbs = {b"session": self._session, b"queue": self._queue}
+        dbs = {b"session": self._session, b"queue": self._queue, b"cursor": self._cursor,
+               b"retry": self._retry, b"dlq": self._dlq}
         queue_db = self._queue
         for kind, name, key, value in ops.writes:
             if kind == OP_PUT:
@@ -491,7 +546,7 @@ class Log:
         try:
             # Trimming first: it frees whole pages from the head of each
             # partition, where expiring ids touches pages all over `ids`.
-            records, trimmed_bytes = self._trim(txn, now_ms, budget)
+            records, trimmed_bytes, undelivered = self._trim(txn, now_ms, budget)
             ids_expired, id_work = self._expire_ids(txn, now_ms - self.dedup_window_ms,
                                                     budget - records)
             txn.commit()
@@ -505,7 +560,8 @@ class Log:
             txn.abort()
             raise
         return {"ids_expired": ids_expired, "records_trimmed": records,
-                "bytes_trimmed": trimmed_bytes, "more": records + id_work >= budget}
+                "bytes_trimmed": trimmed_bytes, "records_trimmed_undelivered": undelivered,
+                "more": records + id_work >= budget}
 
     def _expire_ids(self, txn, horizon, budget):
         """Delete ids stored before ``horizon``; return (ids deleted, work done)."""
@@ -536,12 +592,22 @@ class Log:
         """
         max_age = self.retention_max_age_ms
         max_bytes = self.retention_max_bytes
-        if budget <= 0 or (max_age <= 0 and max_bytes <= 0):
-            return 0, 0
+        hard_max = self.retention_hard_max_bytes
+        if budget <= 0 or (max_age <= 0 and max_bytes <= 0 and hard_max <= 0):
+            return 0, 0, 0
         metas = [list(self._part_meta(txn, p)) for p in range(self.partitions)]
         cursors = [txn.cursor(db) for db in self._logs]
+        # The first offset some sink has not passed, per partition (None: no sink).
+        floors = self._floors(txn)
         changed = set()
-        records = trimmed_bytes = 0
+        records = trimmed_bytes = undelivered = 0
+
+        def trimmable(partition, floor=True):
+            cursor = cursors[partition]
+            if not cursor.key():
+                return False
+            return not floor or floors is None or \
+                _U64.unpack(cursor.key())[0] < floors[partition]
 
         def trim_head(partition):
             cursor = cursors[partition]
@@ -552,38 +618,150 @@ class Log:
             cursor.delete()
             return size
 
-        if max_age > 0:
-            cutoff = now_ms - max_age
-            for partition, cursor in enumerate(cursors):
-                if not cursor.first():
-                    continue
-                while records < budget and cursor.key():
-                    if record_time_ms(cursor.value()) >= cutoff:
-                        break
-                    trimmed_bytes += trim_head(partition)
-                    records += 1
-        if max_bytes > 0:
+        def trim_by_bytes(limit, floor):
+            nonlocal records, trimmed_bytes, undelivered
             total = sum(meta[0] for meta in metas)
             # (head record time, tie-break sequence, partition): equal times are
             # taken round-robin rather than draining the lowest partition first.
-            heads = [(record_time_ms(cursor.value()), partition, partition)
-                     for partition, cursor in enumerate(cursors) if cursor.first()]
+            heads = [(record_time_ms(cursors[p].value()), p, p)
+                     for p in range(self.partitions) if trimmable(p, floor)]
             heapq.heapify(heads)
             sequence = self.partitions
-            while total > max_bytes and records < budget and heads:
+            while total > limit and records < budget and heads:
                 _, _, partition = heapq.heappop(heads)
+                if floors is not None and \
+                        _U64.unpack(cursors[partition].key())[0] >= floors[partition]:
+                    undelivered += 1
                 size = trim_head(partition)
                 total -= size
                 trimmed_bytes += size
                 records += 1
-                cursor = cursors[partition]
-                if cursor.key():
-                    heapq.heappush(heads, (record_time_ms(cursor.value()), sequence, partition))
+                if trimmable(partition, floor):
+                    heapq.heappush(heads, (record_time_ms(cursors[partition].value()),
+                                           sequence, partition))
                     sequence += 1
+
+        for cursor in cursors:
+            cursor.first()
+        if max_age > 0:
+            cutoff = now_ms - max_age
+            for partition in range(self.partitions):
+                while records < budget and trimmable(partition):
+                    if record_time_ms(cursors[partition].value()) >= cutoff:
+                        break
+                    trimmed_bytes += trim_head(partition)
+                    records += 1
+        if max_bytes > 0:
+            trim_by_bytes(max_bytes, True)
+        if hard_max > 0:
+            # Past the hard limit the sinks' cursors do not protect records.
+            trim_by_bytes(hard_max, False)
         for partition in changed:
             txn.put(self._part_keys[partition], _PART_META.pack(*metas[partition]),
                     db=self._meta)
-        return records, trimmed_bytes
+        return records, trimmed_bytes, undelivered
+
+    def _floors(self, txn):
+        """Per partition, the lowest cursor of the registered sinks; None without sinks."""
+        sinks = self._sink_ids(txn)
+        if not sinks:
+            return None
+        floors = [None] * self.partitions
+        for sink_id in sinks.values():
+            for partition in range(self.partitions):
+                value = txn.get(cursor_key(sink_id, partition), db=self._cursor)
+                offset = _U64.unpack(value)[0] if value is not None else 0
+                if floors[partition] is None or offset < floors[partition]:
+                    floors[partition] = offset
+        return floors
+
+    def _sink_ids(self, txn):
+        value = txn.get(b"sinks", db=self._meta)
+        return json.loads(value) if value is not None else {}
+
+    # -- delivery state (cursors, retry queue, dead letters) ---------------------------
+
+    def register_sinks(self, names):
+        """Give each sink name a u16 id, kept in meta for good; returns {name: id}."""
+        txn = self._begin_write()
+        try:
+            sinks = self._sink_ids(txn)
+            for name in names:
+                if name not in sinks:
+                    if len(sinks) >= 0xFFFF:
+                        raise StoreError("no sink id left (65535 sinks registered)")
+                    sinks[name] = max(sinks.values(), default=0) + 1
+            txn.put(b"sinks", json.dumps(sinks).encode(), db=self._meta)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return dict(sinks)
+
+    def sinks(self):
+        """{sink name: sink id} of every sink ever registered."""
+        with self._env.begin() as txn:
+            return self._sink_ids(txn)
+
+    def cursors(self):
+        """{(sink id, partition): next offset} for every stored cursor."""
+        with self._env.begin() as txn:
+            return {_CURSOR_KEY.unpack(key): _U64.unpack(value)[0]
+                    for key, value in txn.cursor(self._cursor)}
+
+    def retry_due(self, now_ms, limit=None):
+        """Retry entries due at ``now_ms`` or before, earliest first.
+
+        Each is (key, due ms, sink id, partition, offset, attempts, status, error, record).
+        """
+        out = []
+        bound = _U64.pack(now_ms + 1)
+        with self._env.begin() as txn:
+            for key, value in txn.cursor(self._retry):
+                if key[:8] >= bound or (limit is not None and len(out) >= limit):
+                    break
+                due, sink_id, partition, offset = _RETRY_KEY.unpack(key)
+                out.append((bytes(key), due, sink_id, partition, offset,
+                            *decode_failure(value)))
+        return out
+
+    def dead_letters(self, sink_id=None, since_ms=None, until_ms=None, limit=None):
+        """Dead-letter entries, oldest first per sink, optionally of one sink and a time range.
+
+        Each is (key, sink id, time ms, partition, offset, attempts, status, error, record).
+        """
+        out = []
+        start = _U16.pack(sink_id) if sink_id is not None else b""
+        with self._env.begin() as txn:
+            cursor = txn.cursor(self._dlq)
+            if not cursor.set_range(start):
+                return out
+            for key, value in cursor:
+                if limit is not None and len(out) >= limit:
+                    break
+                sid, time_ms, partition, offset = _DLQ_KEY.unpack(key)
+                if sink_id is not None and sid != sink_id:
+                    break
+                if (since_ms is not None and time_ms < since_ms) or \
+                        (until_ms is not None and time_ms > until_ms):
+                    continue
+                out.append((bytes(key), sid, time_ms, partition, offset,
+                            *decode_failure(value)))
+        return out
+
+    def delivery_counts(self):
+        """{sink id: (retries pending, dead letters)}."""
+        counts = {}
+        with self._env.begin() as txn:
+            for key in txn.cursor(self._retry).iternext(keys=True, values=False):
+                sink_id = _RETRY_KEY.unpack(key)[1]
+                pending, dead = counts.get(sink_id, (0, 0))
+                counts[sink_id] = (pending + 1, dead)
+            for key in txn.cursor(self._dlq).iternext(keys=True, values=False):
+                sink_id = _DLQ_KEY.unpack(key)[0]
+                pending, dead = counts.get(sink_id, (0, 0))
+                counts[sink_id] = (pending, dead + 1)
+        return counts
 
     def read(self, partition, start_offset=0, limit=None):
         """Return up to ``limit`` (offset, record) pairs from ``start_offset`` on."""

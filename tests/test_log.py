@@ -175,7 +175,8 @@ def test_dedup_window_expiry_stores_again(tmp_env):
         assert log.lookup_id(ih("a")) == (2, 0, 11_001)
         # expire() drops b (stored at 10_000) but not the re-stored a.
         assert log.expire(now_ms=11_500) == {"ids_expired": 1, "records_trimmed": 0,
-                                             "bytes_trimmed": 0, "more": False}
+                                             "bytes_trimmed": 0,
+                                             "records_trimmed_undelivered": 0, "more": False}
         assert log.lookup_id(ih("b")) is None
         assert log.lookup_id(ih("a")) == (2, 0, 11_001)
         assert log.stats()["ids"] == 1
@@ -348,7 +349,9 @@ def test_retention_by_age(tmp_env):
         for t in (0, 50, 100, 150):
             log.append_batch([(0, None, rec(t)), (1, None, rec(t))], now_ms=t)
         assert log.expire(now_ms=120) == {"ids_expired": 0, "records_trimmed": 2,
-                                          "bytes_trimmed": 2 * len(rec(0)), "more": False}
+                                          "bytes_trimmed": 2 * len(rec(0)),
+                                          "records_trimmed_undelivered": 0,
+                                          "more": False}
         assert [decode_record(v).time_ms for _, v in log.read(0)] == [50, 100, 150]
         assert log.first_offset(0) == 1
         assert log.expire(now_ms=200)["records_trimmed"] == 2
@@ -367,7 +370,7 @@ def test_retention_by_bytes_trims_oldest_first(tmp_env):
         assert log.stats()["bytes"] == 7 * size
         result = log.expire(now_ms=30)
         assert result == {"ids_expired": 0, "records_trimmed": 2, "bytes_trimmed": 2 * size,
-                          "more": False}
+                          "records_trimmed_undelivered": 0, "more": False}
         kept = sorted(decode_record(v).time_ms for p in range(4) for _, v in log.read(p))
         assert kept == [10, 11, 12, 20, 30]
         assert log.stats()["bytes"] == 5 * size
@@ -387,7 +390,7 @@ def test_expire_work_is_bounded(tmp_env):
         log.append_batch([(0, ih(str(i)), rec(0)) for i in range(25)], now_ms=0)
         first = log.expire(now_ms=100, max_deletions=20)
         assert first == {"ids_expired": 0, "records_trimmed": 20, "bytes_trimmed": 20 * len(rec(0)),
-                         "more": True}
+                         "records_trimmed_undelivered": 0, "more": True}
         second = log.expire(now_ms=100, max_deletions=20)
         assert second["records_trimmed"] == 5 and second["ids_expired"] == 15
         assert second["more"] is True

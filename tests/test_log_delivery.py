@@ -1,0 +1,150 @@
+"""The delivery state in the log: sink ids, cursors, retry queue, dead letters, and
+retention that waits for every sink's cursor (groundwork for the delivery engine)."""
+
+import pytest
+
+from pushcore.errors import StoreError
+from pushcore.log import (
+    OP_DELETE,
+    OP_PUT,
+    Log,
+    StoreOps,
+    cursor_key,
+    cursor_value,
+    decode_failure,
+    dlq_key,
+    encode_failure,
+    retry_key,
+)
+from pushcore.record import decode_record, encode_record
+
+MiB = 1 << 20
+
+
+def rec(time_ms, payload=b"p"):
+    return encode_record(time_ms, "t", payload, qos=1, client_id="c")
+
+
+def open_log(path, **kw):
+    kw.setdefault("partitions", 2)
+    kw.setdefault("map_size", 16 * MiB)
+    kw.setdefault("durability", "os")
+    return Log(path, **kw)
+
+
+def writes(*rows):
+    ops = StoreOps()
+    ops.writes.extend(rows)
+    return ops
+
+
+def test_sink_ids_are_stable_and_never_reused(tmp_env):
+    with open_log(tmp_env) as log:
+        assert log.register_sinks(["hooks", "audit"]) == {"hooks": 1, "audit": 2}
+        assert log.register_sinks(["audit", "python"]) == {"hooks": 1, "audit": 2, "python": 3}
+    with open_log(tmp_env) as log:
+        assert log.sinks() == {"hooks": 1, "audit": 2, "python": 3}
+
+
+def test_cursors_are_written_with_a_batch(tmp_env):
+    with open_log(tmp_env) as log:
+        ops = writes((OP_PUT, b"cursor", cursor_key(1, 0), cursor_value(2)),
+                     (OP_PUT, b"cursor", cursor_key(1, 1), cursor_value(7)))
+        log.append_batch([(0, None, rec(1))], now_ms=1, ops=ops)
+        assert log.cursors() == {(1, 0): 2, (1, 1): 7}
+        log.append_batch([], now_ms=2, ops=writes((OP_DELETE, b"cursor", cursor_key(1, 1), None)))
+        assert log.cursors() == {(1, 0): 2}
+
+
+def test_failure_value_round_trip():
+    value = encode_failure(3, 503, "Service Unavailable: é", rec(5))
+    attempts, status, error, record = decode_failure(value)
+    assert (attempts, status, error) == (3, 503, "Service Unavailable: é")
+    assert decode_record(record).time_ms == 5
+    # A connection error has no status.
+    assert decode_failure(encode_failure(1, 0, "connection refused", b""))[:3] == \
+        (1, 0, "connection refused")
+
+
+def test_retry_queue_is_read_by_due_time(tmp_env):
+    with open_log(tmp_env) as log:
+        ops = writes(
+            (OP_PUT, b"retry", retry_key(300, 1, 0, 5), encode_failure(2, 500, "e", rec(1))),
+            (OP_PUT, b"retry", retry_key(100, 2, 1, 9), encode_failure(1, 429, "slow", rec(2))),
+            (OP_PUT, b"retry", retry_key(200, 1, 1, 3), encode_failure(4, 0, "refused", rec(3))))
+        log.append_batch([], now_ms=0, ops=ops)
+        due = log.retry_due(250)
+        assert [(d[1], d[2], d[3], d[4], d[5], d[6], d[7]) for d in due] == [
+            (100, 2, 1, 9, 1, 429, "slow"), (200, 1, 1, 3, 4, 0, "refused")]
+        assert log.retry_due(1000, limit=1)[0][1] == 100
+        assert log.retry_due(99) == []
+        # The entry's key is what the engine deletes once the retry is done.
+        log.append_batch([], now_ms=0, ops=writes((OP_DELETE, b"retry", due[0][0], None)))
+        assert [d[1] for d in log.retry_due(1000)] == [200, 300]
+        assert log.delivery_counts() == {1: (2, 0)}
+
+
+def test_dead_letters_filter_by_sink_and_time(tmp_env):
+    with open_log(tmp_env) as log:
+        ops = writes(*(
+            (OP_PUT, b"dlq", dlq_key(sink, t, 0, t), encode_failure(5, 400, "bad", rec(t)))
+            for sink, t in ((1, 10), (1, 20), (2, 15), (1, 30))))
+        log.append_batch([], now_ms=0, ops=ops)
+        assert [(d[1], d[2]) for d in log.dead_letters()] == [(1, 10), (1, 20), (1, 30), (2, 15)]
+        assert [d[2] for d in log.dead_letters(sink_id=1)] == [10, 20, 30]
+        assert [d[2] for d in log.dead_letters(sink_id=1, since_ms=15, until_ms=25)] == [20]
+        assert [d[2] for d in log.dead_letters(sink_id=2)] == [15]
+        assert log.dead_letters(sink_id=3) == []
+        assert len(log.dead_letters(limit=2)) == 2
+        entry = log.dead_letters(sink_id=2)[0]
+        assert entry[5:8] == (5, 400, "bad")
+        assert decode_record(entry[8]).time_ms == 15
+        assert log.delivery_counts() == {1: (0, 3), 2: (0, 1)}
+
+
+def test_retention_waits_for_every_sinks_cursor(tmp_env):
+    with open_log(tmp_env, retention_max_age_ms=100) as log:
+        log.register_sinks(["a", "b"])
+        log.append_batch([(0, None, rec(t)) for t in range(0, 50, 10)], now_ms=50)
+        # Sink a passed offsets 0..3, sink b only 0..1; nothing is old enough to keep.
+        log.append_batch([], now_ms=50, ops=writes(
+            (OP_PUT, b"cursor", cursor_key(1, 0), cursor_value(4)),
+            (OP_PUT, b"cursor", cursor_key(2, 0), cursor_value(2))))
+        result = log.expire(now_ms=1000)
+        assert (result["records_trimmed"], result["records_trimmed_undelivered"]) == (2, 0)
+        assert log.first_offset(0) == 2
+        # A partition a sink has no cursor for is not trimmed at all.
+        log.append_batch([(1, None, rec(0))], now_ms=50)
+        assert log.expire(now_ms=1000)["records_trimmed"] == 0
+        assert log.first_offset(1) == 0
+
+
+def test_hard_byte_limit_trims_past_the_cursors_and_counts_it(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env, retention_max_bytes=size, retention_hard_max_bytes=3 * size) as log:
+        log.register_sinks(["slow"])
+        log.append_batch([(0, None, rec(t)) for t in range(6)], now_ms=10)
+        result = log.expire(now_ms=10)
+        # max_bytes waits for the sink (it read nothing); the hard limit does not.
+        assert (result["records_trimmed"], result["records_trimmed_undelivered"]) == (3, 3)
+        assert [decode_record(v).time_ms for _, v in log.read(0)] == [3, 4, 5]
+
+
+def test_without_sinks_retention_is_as_before(tmp_env):
+    with open_log(tmp_env, retention_max_age_ms=100) as log:
+        log.append_batch([(0, None, rec(0)), (0, None, rec(500))], now_ms=500)
+        assert log.expire(now_ms=550)["records_trimmed"] == 1
+
+
+def test_unknown_db_name_in_a_write_is_refused(tmp_env):
+    with open_log(tmp_env) as log:
+        with pytest.raises(KeyError):
+            log.append_batch([], now_ms=0, ops=writes((OP_PUT, b"nope", b"k", b"v")))
+        assert log.cursors() == {}
+
+
+def test_register_sinks_on_a_readonly_store_fails(tmp_env):
+    open_log(tmp_env).close()
+    with Log(tmp_env, partitions=None, readonly=True) as log:
+        with pytest.raises(StoreError):
+            log.register_sinks(["x"])
