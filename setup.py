@@ -5,6 +5,7 @@ from setuptools import Extension, setup
 extensions = [
     Extension("pushcore._frame", ["pushcore/_frame.pyx"], extra_compile_args=["-O2"]),
     Extension("pushcore._ingest", ["pushcore/_ingest.pyx"], extra_compile_args=["-O2"]),
+    Extension("pushcore._http", ["pushcore/_http.pyx"], extra_compile_args=["-O2"]),
 ]
 
 directives = {

@@ -144,3 +144,16 @@ class StoreFull(StoreError):
 
 class PartitionMismatch(StoreError):
     """The store was created with another partition count."""
+
+
+class HTTPParseError(PushcoreError):
+    """An HTTP/1.1 response (RFC 9112) the webhook client cannot parse.
+
+    ``reason`` is a short fixed phrase naming what was wrong ("bad status
+    line", "bad content-length", ...), for logs and a record's last error;
+    the message adds the detail.  The connection it came from cannot be reused.
+    """
+
+    def __init__(self, reason, detail=""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
