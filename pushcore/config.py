@@ -21,8 +21,19 @@ Scalars are converted from their source text by the option's own type, not by
 YAML's implicit typing, so YAML 1.1 surprises (``1:30`` read as 5400, ``on``
 read as true for a string option) cannot reach the server.  A value typed in
 the file and the same value given as a command-line string therefore convert
-identically.  A list option is the one place a YAML sequence is accepted;
-each item is converted the same way and an error names the item's line.
+identically.  A list option is the one option whose value may be a YAML
+sequence; each item is converted the same way and an error names the item's
+line.
+
+Delivery is configured by two sections whose keys are not fixed names:
+``sinks`` maps a sink name to its options, checked against
+:data:`SINK_OPTIONS` (relative key -> :class:`SinkOption`, which also says
+which sink types the option applies to), and ``routes`` is a list of
+``{filter, sink}`` mappings.  They are set in the file only::
+
+    cfg.sinks["orders"].retry.base      # 1.0, defaults filled in
+    cfg.sinks["orders"].url             # Target(host='127.0.0.1', port=8080, target='/hook')
+    cfg.routes                          # (Route(filter='orders/#', sink='orders'),)
 """
 
 import decimal
@@ -30,11 +41,14 @@ import difflib
 import ipaddress
 import math
 import re
+from types import MappingProxyType
+from typing import NamedTuple
 
 import yaml
 
 from pushcore.errors import ConfigError, TopicFilterInvalid
-from pushcore.topics import validate_filter
+from pushcore.topics import SHARE_PREFIX, parse_shared, validate_filter
+from pushcore.webhook import Target, signing_key
 
 __all__ = [
     "OPTIONS",
@@ -51,6 +65,17 @@ __all__ = [
     "Address",
     "TopicFilter",
     "List",
+    "SINK_TYPES",
+    "SINK_OPTIONS",
+    "REQUIRED",
+    "SinkOption",
+    "Sink",
+    "Route",
+    "Number",
+    "WebhookURL",
+    "WebhookSecret",
+    "PythonFunction",
+    "RouteFilter",
 ]
 
 
@@ -377,6 +402,130 @@ class List:
         return "[" + ", ".join(self.item.format(item) for item in value) + "]"
 
 
+def _format_number(value):
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+class Number:
+    """A decimal number ``above < n <= at_most``, stored as a float.
+
+    Only plain decimal text (``2``, ``1.5``) is accepted: ``float()`` would
+    also take ``inf``, ``nan`` and ``1e1``, none of which an operator means.
+    """
+
+    _PATTERN = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+    def __init__(self, above, at_most):
+        self.above = above
+        self.at_most = at_most
+        self.expected = f"a number above {above} and at most {at_most}"
+
+    def parse(self, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and self._PATTERN.fullmatch(value.strip()):
+            number = float(value.strip())
+        else:
+            raise ValueError(f"expected {self.expected}, got {_got(value)}")
+        # Written so that NaN (from a typed override) fails the test too.
+        if not self.above < number <= self.at_most:
+            raise ValueError(f"expected {self.expected}, got {_got(value)}")
+        return number
+
+    def format(self, value):
+        return _format_number(value)
+
+
+class WebhookURL:
+    """A webhook endpoint, parsed by :meth:`pushcore.webhook.Target.parse`
+    into a ``Target``, so the file accepts exactly the URLs the sink can use."""
+
+    expected = "an http:// URL (http://host[:port][/path][?query])"
+
+    def parse(self, value):
+        if isinstance(value, Target):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected {self.expected}, got {_got(value)}")
+        text = value.strip()
+        try:
+            return Target.parse(text)
+        except ValueError as exc:
+            detail = str(exc).removeprefix(f"webhook URL {text!r}: ")
+            raise ValueError(f"expected {self.expected}, got {_got(value)} ({detail})") from None
+
+    def format(self, value):
+        return str(value)
+
+
+class WebhookSecret(String):
+    """A Standard Webhooks signing secret, or null for unsigned requests.
+
+    Checked with :func:`pushcore.webhook.signing_key` so that a mangled
+    ``whsec_`` secret fails at load rather than on the first delivery.  An
+    error never repeats the value: a secret must not reach a terminal or a
+    log because it was mistyped.
+    """
+
+    def __init__(self):
+        super().__init__(optional=True)
+        self.expected = "a signing secret (whsec_ and base64, or any other non-empty text) or null"
+
+    def parse(self, value):
+        if isinstance(value, str) and value:
+            try:
+                signing_key(value)
+            except ValueError:
+                raise ValueError(
+                    f"expected {self.expected}, got a whsec_ secret whose key is empty or not base64 "
+                    "(the value is not shown)"
+                ) from None
+            return value
+        return super().parse(value)
+
+
+class PythonFunction:
+    """``module:function`` for the Python sink, checked for form only.
+
+    The module is not imported here: importing runs the operator's code,
+    which ``pushcore check-config`` must not do; the sink imports it when it
+    starts.  The part after the colon may be dotted (``mod:Class.method``).
+    """
+
+    expected = "module:function, as mypackage.hooks:handle"
+
+    def parse(self, value):
+        if isinstance(value, str):
+            module, colon, function = value.strip().partition(":")
+            parts = module.split(".") + function.split(".")
+            if colon and all(part.isidentifier() for part in parts):
+                return value.strip()
+        raise ValueError(f"expected {self.expected}, got {_got(value)}")
+
+    def format(self, value):
+        return value
+
+
+class RouteFilter(TopicFilter):
+    """A route's topic filter: an MQTT filter matched against stored topics.
+
+    A shared subscription (MQTT 5.0 §4.8.2, ``$share/{ShareName}/...``) is a
+    way of subscribing, not a set of topics, so it is refused here.
+    """
+
+    expected = "a topic filter ('+' and '#' only as whole levels, '#' only as the last; no $share/)"
+
+    def parse(self, value):
+        value = super().parse(value)
+        share_name, inner = parse_shared(value)
+        if share_name is not None:
+            raise ValueError(
+                f"expected {self.expected}, got {_got(value)} (a route matches topics; "
+                f"write the filter without {SHARE_PREFIX}/{share_name}/: {inner!r})"
+            )
+        return value
+
+
 class Option:
     """One schema entry.  ``default`` is written as an operator would write it
     and parsed by ``kind`` at import, so a bad default fails at once."""
@@ -458,6 +607,91 @@ def _sections(keys):
 
 _SECTIONS = _sections(OPTIONS)
 
+# Top-level sections outside OPTIONS: their keys are sink names and list
+# items, read by _FileReader.sinks and _FileReader.routes.
+_DELIVERY_SECTIONS = ("sinks", "routes")
+
+
+# --- the per-sink schema -----------------------------------------------------
+
+SINK_TYPES = ("webhook", "python")
+_WEBHOOK = ("webhook",)
+_PYTHON = ("python",)
+
+# The default of an option every sink of its types must set.
+REQUIRED = object()
+
+
+class SinkOption:
+    """One per-sink schema entry: ``kind``, ``default`` (as for :class:`Option`,
+    or :data:`REQUIRED`) and the sink ``types`` it applies to."""
+
+    __slots__ = ("kind", "default", "types")
+
+    def __init__(self, kind, default, types=SINK_TYPES):
+        self.kind = kind
+        self.default = default if default is REQUIRED else kind.parse(default)
+        self.types = types
+
+    @property
+    def required(self):
+        return self.default is REQUIRED
+
+    def __repr__(self):
+        default = "REQUIRED" if self.required else repr(self.kind.format(self.default))
+        return f"SinkOption({type(self.kind).__name__}, {default}, {self.types})"
+
+
+# Every option a sink may set, by its key relative to ``sinks.<name>``, in
+# the order conf/pushcore.yaml documents them.
+SINK_OPTIONS = {
+    "type": SinkOption(Choice(*SINK_TYPES), REQUIRED),
+    "url": SinkOption(WebhookURL(), REQUIRED, _WEBHOOK),
+    "secret": SinkOption(WebhookSecret(), None, _WEBHOOK),
+    "connect_timeout": SinkOption(Duration(), "5s", _WEBHOOK),
+    "response_timeout": SinkOption(Duration(), "10s", _WEBHOOK),
+    "connections": SinkOption(Integer(1, 256), 4, _WEBHOOK),
+    "batch": SinkOption(Integer(1, 10_000), 1, _WEBHOOK),
+    "on_4xx": SinkOption(Choice("dead", "retry"), "dead", _WEBHOOK),
+    "function": SinkOption(PythonFunction(), REQUIRED, _PYTHON),
+    "threads": SinkOption(Integer(1, 64), 1, _PYTHON),
+    "ordering": SinkOption(Choice("strict", "none"), "strict"),
+    # One partition is delivered by at most one worker at a time, so more
+    # than the 1024 partitions storage allows could never be busy.
+    "concurrency": SinkOption(Integer(1, 1024), 4),
+    "retry.base": SinkOption(Duration(), "1s"),
+    # A factor of 1 is a fixed delay (use cap for that); above 10 the second
+    # retry already waits a hundred times the first.
+    "retry.factor": SinkOption(Number(above=1, at_most=10), 2),
+    "retry.cap": SinkOption(Duration(), "5m"),
+    "retry.max_attempts": SinkOption(Integer(1, 1000), 10),
+    # RFC 9110 §10.2.3: Retry-After, which only an HTTP receiver can send.
+    "retry.max_retry_after": SinkOption(Duration(allow_zero=True), "1h", _WEBHOOK),
+}
+
+_SINK_SECTIONS = _sections(SINK_OPTIONS)
+
+# Sink names end up in LMDB keys, metric labels and `pushcore dlq --sink`
+# arguments: short, and safe in all three without quoting.
+_SINK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SINK_NAME_EXPECTED = "1 to 64 letters, digits, '_', '.' or '-'"
+
+# The keys of one route, both required.
+_ROUTE_KEYS = ("filter", "sink")
+_ROUTE_FILTER = RouteFilter()
+_ROUTE_SINK = String()
+
+
+def _sink_children(section):
+    """Names of the options directly under the sink section ``section``, in schema order."""
+    return [key[len(section) + 1:] for key in SINK_OPTIONS if key.startswith(section + ".")]
+
+
+def _sink_options_of(sink_type):
+    """Relative keys of the options a ``sink_type`` sink takes, and their sections."""
+    keys = [key for key, option in SINK_OPTIONS.items() if sink_type in option.types]
+    return keys, _sections(keys)
+
 
 def _children(prefix):
     """Names directly under a section (``""`` is the top level), in schema order."""
@@ -468,6 +702,8 @@ def _children(prefix):
             name = key[len(start):].split(".", 1)[0]
             if name not in names:
                 names.append(name)
+    if not prefix:
+        names.extend(_DELIVERY_SECTIONS)
     return names
 
 
@@ -509,13 +745,18 @@ class Config(_Section):
     ``cfg.storage.durability`` or ``cfg.get("storage.durability")``; an option
     not in :data:`OPTIONS` raises AttributeError / KeyError, so code can only
     read documented options.  ``source`` is the file it came from, or None.
+    ``sinks`` is a read-only mapping of sink name to :class:`Sink` in file
+    order, ``routes`` a tuple of :class:`Route` in file order; both are empty
+    when the file sets none.
     """
 
-    __slots__ = ("source",)
+    __slots__ = ("source", "sinks", "routes")
 
-    def __init__(self, values, source=None):
+    def __init__(self, values, source=None, sinks=None, routes=()):
         super().__init__(dict(values), "")
         object.__setattr__(self, "source", source)
+        object.__setattr__(self, "sinks", MappingProxyType(dict(sinks or {})))
+        object.__setattr__(self, "routes", tuple(routes))
 
     def get(self, key):
         if key not in OPTIONS:
@@ -523,21 +764,124 @@ class Config(_Section):
         return self._values[key]
 
     def to_dict(self):
-        """All options as ``{dotted key: value}``."""
+        """All options of :data:`OPTIONS` as ``{dotted key: value}`` (not sinks or routes)."""
         return dict(self._values)
 
     def __eq__(self, other):
-        return isinstance(other, Config) and self._values == other._values
+        return (
+            isinstance(other, Config)
+            and self._values == other._values
+            and self.sinks == other.sinks
+            and self.routes == other.routes
+        )
 
     __hash__ = None
+
+
+class Route(NamedTuple):
+    """One route: messages whose topic matches ``filter`` go to the sink named ``sink``."""
+
+    filter: str
+    sink: str
+
+
+class _SinkSection:
+    """Read-only attribute view of one section of a :class:`Sink`."""
+
+    __slots__ = ("_name", "_values", "_prefix")
+
+    def __init__(self, name, values, prefix):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, attr):
+        key = f"{self._prefix}.{attr}" if self._prefix else attr
+        if key in self._values:
+            return self._values[key]
+        if any(other.startswith(key + ".") for other in self._values):
+            return _SinkSection(self._name, self._values, key)
+        problem = _sink_key_problem(self._name, self._values["type"], key)
+        raise AttributeError(f"sinks.{self._name}.{key}: {problem}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("configuration is read-only; load it again to change it")
+
+    def __dir__(self):
+        start = self._prefix + "." if self._prefix else ""
+        names = []
+        for key in self._values:
+            if key.startswith(start) and key[len(start):].split(".", 1)[0] not in names:
+                names.append(key[len(start):].split(".", 1)[0])
+        return names
+
+    def __repr__(self):
+        start = self._prefix + "." if self._prefix else ""
+        # The signing secret is never shown, as in ConfigError messages.
+        inner = ", ".join(
+            f"{key[len(start):]}={'<secret>' if key == 'secret' and value is not None else repr(value)}"
+            for key, value in self._values.items()
+            if key.startswith(start)
+        )
+        where = f"sinks.{self._name}.{self._prefix}" if self._prefix else f"sinks.{self._name}"
+        return f"<{where}: {inner}>"
+
+
+class Sink(_SinkSection):
+    """One configured sink: ``sink.url``, ``sink.retry.base`` or ``sink.get("retry.base")``.
+
+    Holds every option of its type, defaults filled in, and nothing else:
+    reading an option of the other type (``url`` of a python sink) raises
+    AttributeError / KeyError, as an unknown one does.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, name, values):
+        super().__init__(name, dict(values), "")
+
+    @property
+    def name(self):
+        return self._name
+
+    def get(self, key):
+        if key not in self._values:
+            problem = _sink_key_problem(self._name, self._values["type"], key)
+            raise KeyError(f"sinks.{self._name}.{key}: {problem}")
+        return self._values[key]
+
+    def to_dict(self):
+        """The sink's options as ``{relative dotted key: value}``."""
+        return dict(self._values)
+
+    def __eq__(self, other):
+        return isinstance(other, Sink) and (self._name, self._values) == (other._name, other._values)
+
+    __hash__ = None
+
+
+def _sink_key_problem(name, sink_type, key):
+    """Why the relative ``key`` is not an option of the sink ``name`` of type ``sink_type``."""
+    option = SINK_OPTIONS.get(key)
+    if option is not None:
+        return f"not an option of a {sink_type} sink ({' and '.join(option.types)} sinks only)"
+    if key in _SINK_SECTIONS:
+        return f"a section, not an option; name one of its options, as {key}.{_sink_children(key)[0]}"
+    keys, sections = _sink_options_of(sink_type)
+    return f"unknown option of a {sink_type} sink{_close_match(key, [*keys, *sections], f'sinks.{name}.')}"
 
 
 # --- loading ----------------------------------------------------------------
 
 
+def _close_match(word, candidates, prefix=""):
+    """``"; did you mean <prefix><closest>?"``, or ``""`` when nothing is close."""
+    matches = difflib.get_close_matches(word, candidates, n=1)
+    return f"; did you mean {prefix}{matches[0]}?" if matches else ""
+
+
 def _hint(key):
-    matches = difflib.get_close_matches(key, [*OPTIONS, *_SECTIONS], n=1)
-    return f"; did you mean {matches[0]}?" if matches else ""
+    return _close_match(key, [*OPTIONS, *_SECTIONS, *_DELIVERY_SECTIONS])
 
 
 def _line(node):
@@ -552,16 +896,24 @@ def _node_kind(node):
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
+    if node.tag == _NULL_TAG:
+        return "null"
     return _got(node.value)
 
 
 class _FileReader:
-    """Walks the composed node tree of one file into ``values`` and ``lines``."""
+    """Walks the composed node tree of one file into ``values`` and ``lines``,
+    and ``sinks`` and ``routes``."""
 
     def __init__(self, source, values, lines):
         self.source = source
         self.values = values
         self.lines = lines
+        self.sinks = {}
+        self.routes = ()
+        # Routes name sinks, which may come later in the file: they are read
+        # once the whole file has been walked.
+        self.routes_node = None
 
     def error(self, key, message, line):
         return ConfigError(key, message, line=line, source=self.source)
@@ -585,6 +937,28 @@ class _FileReader:
         if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL_TAG):
             return
         self.section(root, "")
+        if self.routes_node is not None:
+            self.routes = self.read_routes(*self.routes_node)
+
+    def entries(self, node, prefix, noun="an option name", duplicate="key"):
+        """``(name, dotted key, value node, line)`` of each entry of the mapping
+        ``node``; a key that is not a scalar, or a repeated one, is an error."""
+        seen = {}
+        for key_node, value_node in node.value:
+            line = _line(key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error(prefix or "(top level)", f"expected {noun}, got {_node_kind(key_node)}", line)
+            name = key_node.value
+            key = f"{prefix}.{name}" if prefix else name
+            if name in seen:
+                raise self.error(key, f"duplicate {duplicate} (first set on line {seen[name]})", line)
+            seen[name] = line
+            yield name, key, value_node, line
+
+    def no_dots(self, name, key, line):
+        if "." in name:
+            # One spelling per option, so a duplicate is always visible.
+            raise self.error(key, "dotted keys are not accepted in the file; nest each section", line)
 
     def section(self, node, prefix, key_line=None):
         if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG:
@@ -597,39 +971,35 @@ class _FileReader:
                 f"expected a mapping of options ({names}), got {_node_kind(node)}",
                 key_line or _line(node),
             )
-        seen = {}
-        for key_node, value_node in node.value:
-            line = _line(key_node)
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise self.error(prefix or "(top level)", f"expected an option name, got {_node_kind(key_node)}", line)
-            name = key_node.value
-            key = f"{prefix}.{name}" if prefix else name
-            if name in seen:
-                raise self.error(key, f"duplicate key (first set on line {seen[name]})", line)
-            seen[name] = line
-            if "." in name:
-                # One spelling per option, so a duplicate is always visible.
-                raise self.error(key, "dotted keys are not accepted in the file; nest each section", line)
+        for name, key, value_node, line in self.entries(node, prefix):
+            self.no_dots(name, key, line)
             if key in _SECTIONS:
                 self.section(value_node, key, line)
             elif key in OPTIONS:
                 self.option(key, value_node, line)
+            elif key == "sinks":
+                self.read_sinks(value_node, line)
+            elif key == "routes":
+                self.routes_node = (value_node, line)
             else:
                 raise self.error(key, f"unknown option{_hint(key)}", line)
+
+    def scalar(self, key, kind, node, line):
+        """``kind.parse`` of the scalar ``node``'s source text (None for null)."""
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(key, f"expected {kind.expected}, got {_node_kind(node)}", line)
+        value = None if node.tag == _NULL_TAG else node.value
+        try:
+            return kind.parse(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc), line) from None
 
     def option(self, key, node, line):
         kind = OPTIONS[key].kind
         if isinstance(kind, List):
             self.values[key] = self.sequence(key, kind, node, line)
-            self.lines[key] = line
-            return
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.error(key, f"expected {kind.expected}, got {_node_kind(node)}", line)
-        value = None if node.tag == _NULL_TAG else node.value
-        try:
-            self.values[key] = kind.parse(value)
-        except ValueError as exc:
-            raise self.error(key, str(exc), line) from None
+        else:
+            self.values[key] = self.scalar(key, kind, node, line)
         self.lines[key] = line
 
     def sequence(self, key, kind, node, line):
@@ -656,6 +1026,113 @@ class _FileReader:
                 raise self.error(key, str(exc), item_line) from None
         return tuple(items)
 
+    # --- sinks and routes ---
+
+    def read_sinks(self, node, line):
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG:
+            # Every sink commented out.
+            return
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error("sinks", f"expected a mapping of sink names to sinks, got {_node_kind(node)}", line)
+        for name, key, value_node, name_line in self.entries(node, "sinks", "a sink name", "sink name"):
+            if not _SINK_NAME.fullmatch(name):
+                raise self.error(key, f"bad sink name {name!r}: expected {_SINK_NAME_EXPECTED}", name_line)
+            self.sinks[name] = self.read_sink(name, value_node, name_line)
+
+    def read_sink(self, name, node, line):
+        prefix = f"sinks.{name}"
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(
+                prefix, f"expected a mapping of sink options (type: {', '.join(SINK_TYPES)}, ...), "
+                f"got {_node_kind(node)}", line
+            )
+        # Which options are allowed depends on the type, which may be written
+        # after them: collect every entry first, then check each against it.
+        found = {}
+        self.collect_sink_entries(node, prefix, "", found)
+        if "type" not in found:
+            raise self.error(
+                f"{prefix}.type", f"missing; every sink needs one ({SINK_OPTIONS['type'].kind.expected})", line
+            )
+        sink_type = self.scalar(f"{prefix}.type", SINK_OPTIONS["type"].kind, *found["type"])
+        keys, _ = _sink_options_of(sink_type)
+        values = {}
+        for relative, (_, value_line) in found.items():
+            if relative not in keys:
+                raise self.error(f"{prefix}.{relative}", _sink_key_problem(name, sink_type, relative), value_line)
+        for relative in keys:
+            option = SINK_OPTIONS[relative]
+            if relative in found:
+                values[relative] = self.scalar(f"{prefix}.{relative}", option.kind, *found[relative])
+            elif option.required:
+                raise self.error(
+                    f"{prefix}.{relative}", f"missing; a {sink_type} sink needs one ({option.kind.expected})", line
+                )
+            else:
+                values[relative] = option.default
+        if values["retry.cap"] < values["retry.base"]:
+            cap_line = found.get("retry.cap", found.get("retry.base"))[1]
+            raise self.error(
+                f"{prefix}.retry.cap",
+                f"must be at least retry.base ({_format_duration(values['retry.cap'])} < "
+                f"{_format_duration(values['retry.base'])})",
+                cap_line,
+            )
+        return Sink(name, values)
+
+    def collect_sink_entries(self, node, prefix, relative_prefix, found):
+        """``found[relative key] = (value node, line)`` for each entry of a sink,
+        descending into its sections (``retry``)."""
+        for name, key, value_node, line in self.entries(node, prefix):
+            self.no_dots(name, key, line)
+            relative = f"{relative_prefix}.{name}" if relative_prefix else name
+            if relative not in _SINK_SECTIONS:
+                found[relative] = (value_node, line)
+            elif isinstance(value_node, yaml.MappingNode):
+                self.collect_sink_entries(value_node, key, relative, found)
+            elif not (isinstance(value_node, yaml.ScalarNode) and value_node.tag == _NULL_TAG):
+                names = ", ".join(_sink_children(relative))
+                raise self.error(key, f"expected a mapping of options ({names}), got {_node_kind(value_node)}", line)
+
+    def read_routes(self, node, line):
+        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG:
+            return ()
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(
+                "routes", f"expected a list of routes (each a mapping with filter and sink), got {_node_kind(node)}",
+                line,
+            )
+        routes = []
+        first = {}
+        for index, item in enumerate(node.value, 1):
+            # 1-based, as list items are counted in every other message.
+            prefix = f"routes[{index}]"
+            item_line = _line(item)
+            if not isinstance(item, yaml.MappingNode):
+                raise self.error(prefix, f"expected a mapping with filter and sink, got {_node_kind(item)}", item_line)
+            found = {}
+            for name, key, value_node, key_line in self.entries(item, prefix):
+                if name not in _ROUTE_KEYS:
+                    hint = _close_match(name, _ROUTE_KEYS, prefix + ".")
+                    raise self.error(key, f"unknown key of a route (filter, sink){hint}", key_line)
+                found[name] = (value_node, key_line)
+            for name in _ROUTE_KEYS:
+                if name not in found:
+                    raise self.error(f"{prefix}.{name}", "missing; every route needs a filter and a sink", item_line)
+            route = Route(
+                self.scalar(f"{prefix}.filter", _ROUTE_FILTER, *found["filter"]),
+                self.scalar(f"{prefix}.sink", _ROUTE_SINK, *found["sink"]),
+            )
+            if route.sink not in self.sinks:
+                names = f"sinks: {', '.join(self.sinks)}" if self.sinks else "no sinks are configured"
+                hint = _close_match(route.sink, list(self.sinks))
+                raise self.error(f"{prefix}.sink", f"no sink named {route.sink!r} ({names}){hint}", found["sink"][1])
+            if route in first:
+                raise self.error(prefix, f"the same route as routes[{first[route]}]", item_line)
+            first[route] = index
+            routes.append(route)
+        return tuple(routes)
+
 
 def _validate(values, lines, source):
     if values["mqtt.outbuf_low"] >= values["mqtt.outbuf_high"]:
@@ -675,24 +1152,28 @@ def load_config(path=None, overrides=None):
 
     ``overrides`` maps dotted keys to values, typed or as strings
     (``{"mqtt.bind": "127.0.0.1:1884", "storage.partitions": "16"}``); they are
-    applied after the file, as command-line flags beat the file.  Any problem
-    raises :class:`pushcore.errors.ConfigError` naming the key, and for the
-    file its path and line.
+    applied after the file, as command-line flags beat the file.  Sinks and
+    routes are read from the file only.  Any problem raises
+    :class:`pushcore.errors.ConfigError` naming the key, and for the file its
+    path and line.
     """
     values = {key: option.default for key, option in OPTIONS.items()}
     # Line of each option set by the file; options set by an override are
     # removed so a later cross-check does not blame the file for them.
     lines = {}
     source = None if path is None else str(path)
+    reader = _FileReader(source, values, lines)
     if path is not None:
         try:
             with open(path, "rb") as f:
                 text = f.read()
         except OSError as exc:
             raise ConfigError("config file", f"cannot read: {exc.strerror}", source=source) from None
-        _FileReader(source, values, lines).read(text)
+        reader.read(text)
     for key, value in (overrides or {}).items():
         if key not in OPTIONS:
+            if re.match(r"(sinks|routes)\b", key):
+                raise ConfigError(key, "sinks and routes are set in the configuration file only")
             raise ConfigError(key, f"unknown option{_hint(key)}")
         try:
             values[key] = OPTIONS[key].kind.parse(value)
@@ -700,7 +1181,7 @@ def load_config(path=None, overrides=None):
             raise ConfigError(key, str(exc)) from None
         lines.pop(key, None)
     _validate(values, lines, source)
-    return Config(values, source)
+    return Config(values, source, reader.sinks, reader.routes)
 
 
 def check_config(path):
