@@ -763,6 +763,51 @@ class Log:
                 counts[sink_id] = (pending, dead + 1)
         return counts
 
+    def replay_dead_letters(self, keys, now_ms):
+        """Move dead letters back into the retry queue, due at ``now_ms``; returns how many.
+
+        In ONE write transaction, each of ``keys`` still in ``dlq`` is deleted
+        there and put in ``retry`` for the same sink, partition and offset with
+        attempts 0 (a full retry budget) and its last status, error and record.
+        A key already gone (replayed or purged by someone else) is skipped.  The
+        same record dead-lettered twice becomes one retry entry but counts twice.
+        Safe beside a running daemon: LMDB serialises writers across processes.
+        """
+        replayed = 0
+        try:
+            with self._begin_write() as txn:
+                for key in keys:
+                    value = txn.pop(key, db=self._dlq)
+                    if value is None:
+                        continue
+                    sink_id, _dead_ms, partition, offset = _DLQ_KEY.unpack(key)
+                    # The failure value starts with its u32 attempts; the rest
+                    # (status, error, record) is kept byte for byte.
+                    txn.put(retry_key(now_ms, sink_id, partition, offset),
+                            _U32.pack(0) + value[_U32.size:], db=self._retry)
+                    replayed += 1
+        except lmdb.MapFullError as exc:
+            raise StoreFull(f"store at {self.path} is full (map_size"
+                            f" {self._env.info()['map_size']} bytes)") from exc
+        except lmdb.Error as exc:
+            raise StoreError(f"replay in {self.path} failed: {exc}") from exc
+        return replayed
+
+    def purge_dead_letters(self, keys):
+        """Delete dead letters in one write transaction; returns how many were there."""
+        purged = 0
+        try:
+            with self._begin_write() as txn:
+                for key in keys:
+                    if txn.delete(key, db=self._dlq):
+                        purged += 1
+        except lmdb.MapFullError as exc:
+            raise StoreFull(f"store at {self.path} is full (map_size"
+                            f" {self._env.info()['map_size']} bytes)") from exc
+        except lmdb.Error as exc:
+            raise StoreError(f"purge in {self.path} failed: {exc}") from exc
+        return purged
+
     def read(self, partition, start_offset=0, limit=None):
         """Return up to ``limit`` (offset, record) pairs from ``start_offset`` on."""
         self._check_partition(partition)

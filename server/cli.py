@@ -1,14 +1,17 @@
-"""The ``pushcore`` command: serve, check-config, log stats|dump, pub, sub."""
+"""The ``pushcore`` command: serve, check-config, log stats|dump, sessions, dlq, pub, sub."""
 
 import argparse
 import base64
 import json
 import logging
 import os
+import re
 import sys
 import time
+from datetime import datetime, timedelta, timezone
+from struct import Struct
 
-from pushcore.config import load_config
+from pushcore.config import Duration, load_config
 from pushcore.errors import ConfigError, MQTTError, StoreError
 
 EXIT_USAGE = 2
@@ -83,6 +86,7 @@ def cmd_log_stats(args):
     store = _open_readonly(args)
     try:
         stats = store.stats()
+        stats["sinks"] = _sink_stats(store, stats["per_partition"])
     finally:
         store.close()
     if args.json:
@@ -96,7 +100,36 @@ def cmd_log_stats(args):
     print(f"{'partition':>9} {'first':>12} {'next':>12} {'records':>10} {'bytes':>14}")
     for p in stats["per_partition"]:
         print(f"{p['partition']:>9} {p['first']:>12} {p['next']:>12} {p['count']:>10} {p['bytes']:>14}")
+    if stats["sinks"]:
+        print()
+        print(f"{'sink':<24} {'backlog':>12} {'retries':>10} {'dead letters':>12}")
+        for s in stats["sinks"]:
+            print(f"{s['name']:<24} {s['backlog']:>12} {s['retries']:>10} {s['dead_letters']:>12}")
+        print()
+        print(f"{'sink':<24} {'partition':>9} {'cursor':>12} {'backlog':>12}")
+        for s in stats["sinks"]:
+            for p in s["per_partition"]:
+                print(f"{s['name']:<24} {p['partition']:>9} {p['cursor']:>12} {p['backlog']:>12}")
     return 0
+
+
+def _sink_stats(store, per_partition):
+    """Per registered sink, by id: its cursor and backlog per partition, its
+    retries pending and dead letters (the store counts those per sink only)."""
+    cursors = store.cursors()
+    counts = store.delivery_counts()
+    out = []
+    for name, sink_id in sorted(store.sinks().items(), key=lambda item: item[1]):
+        parts = []
+        for p in per_partition:
+            # No cursor yet: the sink has read nothing, as retention assumes.
+            cursor = cursors.get((sink_id, p["partition"]), 0)
+            parts.append({"partition": p["partition"], "cursor": cursor,
+                          "backlog": max(0, p["next"] - cursor)})
+        retries, dead = counts.get(sink_id, (0, 0))
+        out.append({"name": name, "id": sink_id, "backlog": sum(p["backlog"] for p in parts),
+                    "retries": retries, "dead_letters": dead, "per_partition": parts})
+    return out
 
 
 def cmd_sessions(args):
@@ -228,6 +261,292 @@ def cmd_log_dump(args):
     return 0
 
 
+# -- dead letters ------------------------------------------------------------------
+
+# A dead-letter entry id is the hex of its dlq key: u16 sink id + u64 time ms +
+# u16 partition + u64 offset (the layout in pushcore/log.py's docstring).
+_DLQ_ID = Struct(">HQHQ")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# --since/--until "30m", "1h", "2d": a time that long ago.  A unit is required,
+# so that a bare number is never mistaken for an ISO 8601 year.
+_AGO = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+
+
+class DeadLetterError(Exception):
+    """A dlq command that cannot go on: unknown sink or entry; exit status 1."""
+
+
+def _iso_utc(ms):
+    """ISO 8601 in UTC with milliseconds: 2024-05-01T12:00:00.250Z."""
+    moment = _EPOCH + timedelta(milliseconds=ms)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _time_arg(text):
+    """--since/--until: ISO 8601 (UTC unless it names an offset), or a duration ago."""
+    match = _AGO.fullmatch(text.strip())
+    if match:
+        ago_ms = float(match.group(1)) * Duration.UNITS[match.group(2)] * 1000
+        # A duration longer than the clock has run means "ever since".
+        return int(max(0.0, time.time() * 1000 - ago_ms))
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time (2024-05-01T12:00:00Z) nor a duration ago"
+            f" (30m, 1h, 2d): {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _entry_id(text):
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != _DLQ_ID.size:
+        raise argparse.ArgumentTypeError(
+            f"not a dead-letter entry id ({2 * _DLQ_ID.size} hex digits, as"
+            f" `pushcore dlq list` prints them): {text!r}")
+    return key
+
+
+def _topic_filter(text):
+    from pushcore.errors import TopicFilterInvalid
+    from pushcore.topics import parse_shared
+
+    try:
+        share, _ = parse_shared(text)
+    except TopicFilterInvalid as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if share is not None:
+        raise argparse.ArgumentTypeError(f"a shared subscription is no topic filter here: {text!r}")
+    return text
+
+
+def _filters_given(args):
+    return any(getattr(args, name) is not None
+               for name in ("sink", "topic", "since", "until", "limit"))
+
+
+def _sink_names(store):
+    """{sink id: name}; an id no name claims (none should) shows as #ID."""
+    return {sink_id: name for name, sink_id in store.sinks().items()}
+
+
+def _matching_dead_letters(store, args):
+    """The dead letters the filters select, by sink, oldest first."""
+    from pushcore.record import decode_record
+    from pushcore.topics import matches
+
+    sink_id = None
+    if args.sink is not None:
+        sinks = store.sinks()
+        if args.sink not in sinks:
+            known = ", ".join(sorted(sinks)) or "none is registered"
+            raise DeadLetterError(f"no sink named {args.sink!r} (sinks: {known})")
+        sink_id = sinks[args.sink]
+    if args.topic is None:
+        return store.dead_letters(sink_id, args.since, args.until, args.limit)
+    entries = [entry for entry in store.dead_letters(sink_id, args.since, args.until)
+               if matches(args.topic, decode_record(entry[8]).topic)]
+    return entries if args.limit is None else entries[:args.limit]
+
+
+def _dead_letters_by_id(store, keys):
+    """The entries of ``keys``, in order, each once; DeadLetterError names the first unknown."""
+    out = []
+    for key in dict.fromkeys(keys):
+        sink_id, dead_ms, _partition, _offset = _DLQ_ID.unpack(key)
+        found = [entry for entry in store.dead_letters(sink_id, dead_ms, dead_ms)
+                 if entry[0] == key]
+        if not found:
+            raise DeadLetterError(f"no dead-letter entry {key.hex()}"
+                                  f" (replayed or purged already?)")
+        out.append(found[0])
+    return out
+
+
+def _dead_letter_json(entry, names, detail=False):
+    from pushcore._frame import decode_properties
+    from pushcore.record import decode_record
+
+    key, sink_id, dead_ms, partition, offset, attempts, status, error, record = entry
+    rec = decode_record(record)
+    obj = {
+        "entry_id": key.hex(),
+        "sink": names.get(sink_id, f"#{sink_id}"),
+        "time": _iso_utc(dead_ms),
+        "time_ms": dead_ms,
+        "partition": partition,
+        "offset": offset,
+        "attempts": attempts,
+        # 0 is stored for a failure without an HTTP status (a connection error).
+        "status": status or None,
+        "error": error,
+        "topic": rec.topic,
+        "id": rec.msg_id.decode("utf-8", "replace") if rec.msg_id is not None else None,
+        "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+        "client": rec.client_id,
+        "qos": rec.qos,
+        "retain": rec.retain,
+        "published": _iso_utc(rec.time_ms),
+    }
+    if detail:
+        obj["sink_id"] = sink_id
+        obj["published_ms"] = rec.time_ms
+        obj["properties"] = _properties_json(decode_properties(rec.properties))
+    _put_text_or_b64(obj, "payload", rec.payload)
+    return obj
+
+
+def cmd_dlq_list(args):
+    store = _open_readonly(args)
+    try:
+        names = _sink_names(store)
+        entries = _matching_dead_letters(store, args)
+        objs = [_dead_letter_json(entry, names) for entry in entries]
+    finally:
+        store.close()
+    if args.json:
+        for obj in objs:
+            print(json.dumps(obj, ensure_ascii=False))
+        return 0
+    print(f"{'entry id':<{2 * _DLQ_ID.size}}  {'sink':<16} {'time':<24} {'partition/offset':>20} "
+          f"{'tries':>5} {'status':>6}  error  topic")
+    for o in objs:
+        where = f"{o['partition']}/{o['offset']}"
+        # The error is quoted: it may hold spaces, and the topic follows it.
+        print(f"{o['entry_id']}  {o['sink']:<16} {o['time']:<24} {where:>20} {o['attempts']:>5} "
+              f"{o['status'] or '-':>6}  {json.dumps(o['error'], ensure_ascii=False)}  {o['topic']}")
+    return 0
+
+
+def cmd_dlq_show(args):
+    store = _open_readonly(args)
+    try:
+        names = _sink_names(store)
+        objs = [_dead_letter_json(entry, names, detail=True)
+                for entry in _dead_letters_by_id(store, args.ids)]
+    finally:
+        store.close()
+    for n, o in enumerate(objs):
+        if args.json:
+            print(json.dumps(o, ensure_ascii=False))
+            continue
+        if n:
+            print()
+        rows = [("entry id", o["entry_id"]), ("sink", f"{o['sink']} (id {o['sink_id']})"),
+                ("dead since", o["time"]), ("partition", o["partition"]), ("offset", o["offset"]),
+                ("attempts", o["attempts"]), ("last status", o["status"] or "-"),
+                ("last error", o["error"]), ("topic", o["topic"]),
+                ("published", o["published"]), ("client", o["client"]),
+                ("message id", "-" if o["id"] is None else o["id"]),
+                ("key", "-" if o["key"] is None else o["key"]), ("qos", o["qos"]),
+                ("retain", "yes" if o["retain"] else "no")]
+        for name, value in o["properties"].items():
+            if name == "user_property":
+                rows += [("user property", f"{k}: {v}") for k, v in value]
+            else:
+                rows.append((name.replace("_", " "), value))
+        if "payload" in o:
+            rows.append(("payload", f"{len(o['payload'].encode())} bytes"))
+        else:
+            rows.append(("payload", f"{len(base64.b64decode(o['payload_b64']))} bytes, base64"))
+        width = max(len(label) for label, _ in rows)
+        for label, value in rows:
+            print(f"{label:<{width}}  {value}")
+        print(o.get("payload", o.get("payload_b64")))
+    return 0
+
+
+def _open_writable(args):
+    """The store opened to write beside a running daemon, if any.
+
+    A read-only open first: it fails on a missing store (a writable open would
+    create one) and reads the partition count the store was created with.  It
+    is closed before the second open, as one process must not hold one LMDB
+    environment twice.  map_size 0 takes the map size the store's last writer
+    set (LMDB's mdb_env_set_mapsize), so the daemon's map is never shrunk to
+    another config's.  Commits are fdatasync'd: a count printed is on disk.
+    """
+    from pushcore.log import Log
+
+    probe = _open_readonly(args)
+    try:
+        path, partitions = probe.path, probe.partitions
+    finally:
+        probe.close()
+    return Log(path, partitions=partitions, map_size=0, durability="fsync")
+
+
+def _selected_keys(store, args):
+    if args.ids:
+        return [entry[0] for entry in _dead_letters_by_id(store, args.ids)]
+    return [entry[0] for entry in _matching_dead_letters(store, args)]
+
+
+def _dlq_selection_problem(args):
+    if args.ids and args.all:
+        return "give entry ids or --all, not both"
+    if not args.ids and not args.all:
+        return "give entry ids (from `pushcore dlq list`) or --all"
+    if args.ids and _filters_given(args):
+        return "--sink, --topic, --since, --until and --limit go with --all"
+    return None
+
+
+def _dead_letters_counted(n):
+    return f"{n} dead letter{'' if n == 1 else 's'}"
+
+
+def cmd_dlq_replay(args):
+    problem = _dlq_selection_problem(args)
+    if problem:
+        print(f"pushcore dlq replay: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    store = _open_writable(args)
+    try:
+        keys = _selected_keys(store, args)
+        replayed = store.replay_dead_letters(keys, int(time.time() * 1000))
+    finally:
+        store.close()
+    print(f"replayed {_dead_letters_counted(replayed)}")
+    return 0
+
+
+def cmd_dlq_purge(args):
+    problem = _dlq_selection_problem(args)
+    if problem:
+        print(f"pushcore dlq purge: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.yes:
+        store = _open_readonly(args)
+        try:
+            selected = len(_selected_keys(store, args))
+        finally:
+            store.close()
+        print(f"pushcore dlq purge: this deletes {_dead_letters_counted(selected)} for good;"
+              f" add --yes to do it", file=sys.stderr)
+        return EXIT_USAGE
+    store = _open_writable(args)
+    try:
+        purged = store.purge_dead_letters(_selected_keys(store, args))
+    finally:
+        store.close()
+    print(f"purged {_dead_letters_counted(purged)}")
+    return 0
+
+
+def cmd_dlq(args):
+    try:
+        return args.dlq_func(args)
+    except DeadLetterError as err:
+        print(f"pushcore dlq {args.dlq_command}: {err}", file=sys.stderr)
+        return 1
+
+
 def cmd_pub(args):
     from pushcore.client import Client
 
@@ -271,16 +590,22 @@ def _put_text_or_b64(obj, name, data):
         obj[name + "_b64"] = base64.b64encode(data).decode()
 
 
-def _message_json(msg):
-    obj = {"topic": msg.topic, "qos": msg.qos, "retain": msg.retain}
-    _put_text_or_b64(obj, "payload", msg.payload)
+def _properties_json(properties):
+    """MQTT 5 properties (a dict or None) as JSON: binary values as text, or
+    NAME_b64 when not UTF-8."""
     props = {}
-    for name, value in (msg.properties or {}).items():
+    for name, value in (properties or {}).items():
         if isinstance(value, bytes):
             _put_text_or_b64(props, name, value)
         else:
             props[name] = value
-    obj["properties"] = props
+    return props
+
+
+def _message_json(msg):
+    obj = {"topic": msg.topic, "qos": msg.qos, "retain": msg.retain}
+    _put_text_or_b64(obj, "payload", msg.payload)
+    obj["properties"] = _properties_json(msg.properties)
     return obj
 
 
@@ -437,6 +762,41 @@ def build_parser():
                     help="queued messages shown with --client (default 100)")
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     ss.set_defaults(func=cmd_sessions)
+
+    dq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge (safe while serving)")
+    dsub = dq.add_subparsers(dest="dlq_command", required=True)
+    for name, func, helptext in (
+            ("list", cmd_dlq_list, "one line per dead letter, by sink, oldest first"),
+            ("show", cmd_dlq_show, "dead letters in full: failure, record fields, payload"),
+            ("replay", cmd_dlq_replay, "put dead letters back into delivery (the retry queue, "
+                                       "due now, attempts 0); prints how many"),
+            ("purge", cmd_dlq_purge, "delete dead letters for good (needs --yes); prints how many")):
+        x = dsub.add_parser(name, help=helptext)
+        x.add_argument("-c", "--config", help="configuration file to take storage.data_dir from")
+        x.add_argument("--data", help="LMDB data directory (default: storage.data_dir)")
+        if name in ("show", "replay", "purge"):
+            x.add_argument("ids", nargs="+" if name == "show" else "*", type=_entry_id,
+                           metavar="ID", help="entry id as `dlq list` prints it")
+        if name in ("replay", "purge"):
+            x.add_argument("--all", action="store_true",
+                           help="every dead letter the filters below select")
+        if name != "show":
+            x.add_argument("--sink", help="only this sink's dead letters")
+            x.add_argument("--topic", type=_topic_filter, metavar="FILTER",
+                           help="only records whose topic this MQTT filter (+, #) matches")
+            x.add_argument("--since", type=_time_arg, metavar="T",
+                           help="dead-lettered at T or later: ISO 8601 (UTC unless an offset is "
+                                "given) or a duration ago (30m, 1h, 2d)")
+            x.add_argument("--until", type=_time_arg, metavar="T",
+                           help="dead-lettered at T or earlier (as --since)")
+            x.add_argument("--limit", type=_positive_int, metavar="N",
+                           help="at most N dead letters (the oldest per sink first)")
+        if name in ("list", "show"):
+            x.add_argument("--json", action="store_true",
+                           help="one JSON object per line; payload as text, or payload_b64")
+        if name == "purge":
+            x.add_argument("-y", "--yes", action="store_true", help="really delete")
+        x.set_defaults(func=cmd_dlq, dlq_func=func)
 
     pb = sub.add_parser("pub", help="publish messages (QoS 1 by default, acked after storage)",
                         add_help=False)
