@@ -89,6 +89,7 @@ PUBREL_HEADER = 0x62
 QUEUED = 0
 SENT = 1
 RELEASED = 2  # QoS 2: PUBREC received, PUBREL sent
+HELD = 3  # has its packet id, waits for that to be committed before it is sent
 
 
 class Subscription:
@@ -147,7 +148,8 @@ class Message:
 class Delivery:
     """One copy of a message for one session."""
 
-    __slots__ = ("message", "qos", "retain", "sub_ids", "share", "seq", "packet_id", "state")
+    __slots__ = ("message", "qos", "retain", "sub_ids", "share", "seq", "packet_id", "state",
+                 "order")
 
     def __init__(self, message, qos, retain, sub_ids=(), share=None, seq=None):
         self.message = message
@@ -160,9 +162,12 @@ class Delivery:
         self.seq = seq
         self.packet_id = 0
         self.state = QUEUED
+        # Session.enqueued when it joined the queue after a commit (see send_retained).
+        self.order = 0
 
-    def queue_value(self):
-        flags = (QUEUE_RETAIN if self.retain else 0) | (QUEUE_SENT if self.state != QUEUED else 0)
+    def queue_value(self, sent=False):
+        flags = (QUEUE_RETAIN if self.retain else 0) | \
+            (QUEUE_SENT if sent or self.state != QUEUED else 0)
         if self.state == RELEASED:
             flags |= QUEUE_RELEASED
         share = f"$share/{self.share[0]}/{self.share[1]}" if self.share else None
@@ -175,7 +180,8 @@ class Session:
 
     __slots__ = ("client_id", "version", "expiry", "subs", "queue", "inflight", "conn",
                  "pending", "next_seq", "next_packet_id", "prefix", "disconnected_ms",
-                 "expiry_timer", "ended", "full_logged", "queued_bytes", "stored", "will")
+                 "expiry_timer", "ended", "full_logged", "queued_bytes", "stored", "will",
+                 "enqueued", "holding")
 
     def __init__(self, client_id, version, expiry, next_seq=0):
         self.client_id = client_id
@@ -203,6 +209,11 @@ class Session:
         self.stored = False
         # (Will, due time ms) while a Will waits for its Will Delay Interval.
         self.will = None
+        # Copies committed into the queue so far: marks where a SUBSCRIBE happened.
+        self.enqueued = 0
+        # Copies taken from the queue that wait for a commit before they are sent
+        # (see Broker.pump), in order; None when nothing waits.
+        self.holding = None
 
     def writable_queue(self):
         queue = self.queue
@@ -285,6 +296,9 @@ class Broker:
         self.shares = {}
         self.retained = {}
         self.ops = StoreOps()
+        # The server's after_commit(fn, *args): a QoS 2 delivery to a stored session
+        # leaves only once the packet id it goes out with is committed.
+        self.after_commit = None
         self.pending_wills = {}
         # topic -> trie matches; cleared whenever a subscription changes.
         self._route_cache = {}
@@ -351,7 +365,9 @@ class Broker:
             present = True
             if session.will is not None:
                 # MQTT 5.0 §3.1.3.2.2: the client came back within its Will Delay Interval.
-                self.pending_wills.pop(client_id).cancel()
+                timer = self.pending_wills.pop(client_id, None)
+                if timer is not None:
+                    timer.cancel()
                 session.will = None
                 self.metrics["wills_cancelled"] += 1
             if session.expiry_timer is not None:
@@ -371,17 +387,39 @@ class Broker:
         return present
 
     def resume(self, session):
-        """After CONNACK: resend what is unacknowledged (DUP set, in order), then the queue."""
+        """After CONNACK: resend what is unacknowledged (DUP set, in order), then the queue.
+
+        MQTT 5.0 §3.3.4 [MQTT-3.3.4-9]: no more than the new connection's Receive
+        Maximum is in flight; the rest go back to the head of the queue with
+        their packet ids and are re-sent, still with DUP, as acks free the window.
+        """
         conn = session.conn
-        for packet_id, d in list(session.inflight.items()):
+        window = self._window(session)
+        inflight = session.inflight
+        later = []
+        session.holding = None
+        for packet_id, d in list(inflight.items()):
+            if d.state == HELD:
+                # Never sent: a first send with the id it was given, no DUP.
+                d.state = SENT
+                if not self._send(conn, d, packet_id, False):
+                    del inflight[packet_id]
+                    self._forget(session, d)
+                continue
+            if len(inflight) - len(later) > window:
+                del inflight[packet_id]
+                later.append(d)
+                continue
             if d.state == RELEASED:
                 # MQTT 5.0 §4.4: a PUBREC was received; only the PUBREL is re-sent.
                 conn.out += bytes((PUBREL_HEADER, 2, packet_id >> 8, packet_id & 0xFF))
             elif not self._send(conn, d, packet_id, dup=True):
                 # Too large for the Maximum Packet Size this connection stated: dropped
                 # as if delivered (§3.1.2.11.4), so it cannot hold the window for ever.
-                del session.inflight[packet_id]
+                del inflight[packet_id]
                 self._forget(session, d)
+        if later:
+            session.writable_queue().extendleft(reversed(later))
         self.pump(session)
 
     def disconnected(self, conn, now_ms):
@@ -449,7 +487,9 @@ class Broker:
         if session.will is not None:
             # MQTT 5.0 §3.1.3.2.2: the Will is published when the session ends,
             # if that comes before the Will Delay Interval has passed.
-            self.pending_wills.pop(session.client_id).cancel()
+            timer = self.pending_wills.pop(session.client_id, None)
+            if timer is not None:
+                timer.cancel()
             will, session.will = session.will[0], None
             self.publish_will(session.client_id, will)
 
@@ -564,17 +604,38 @@ class Broker:
                 out.append(Delivery(message, min(message.qos, sub.qos), True, ids))
         return out
 
-    def send_retained(self, session, subs, now_ms):
-        """The retained messages for new subscriptions go out ahead of the queue."""
+    def send_retained(self, session, subs, now_ms, mark):
+        """The retained messages for new subscriptions, in the queue where the SUBSCRIBE was.
+
+        ``mark`` is ``session.enqueued`` when the SUBSCRIBE was handled: the
+        retained copies go after what was queued before it (older than the
+        retained message) and before what was published after it, as if they
+        had been sent with the SUBACK.  They are looked up now, after the
+        commit that was in flight, so they are the newest.  A subscription
+        removed meanwhile gets none [MQTT-3.10.4-2].  For a stored session a
+        QoS 1/2 copy is stored like any queued copy.
+        """
         if session.ended:
             return
-        deliveries = []
+        fresh = []
         for sub in subs:
-            deliveries.extend(self._retained_for(sub, now_ms))
-        queue = session.writable_queue() if deliveries else session.queue
-        for d in reversed(deliveries):
-            queue.appendleft(d)
-            session.queued_bytes += len(d.message.record)
+            if session.subs.get(sub.filter) is not sub:
+                continue
+            for d in self._retained_for(sub, now_ms):
+                if d.qos and session.stored:
+                    d.seq = session.next_seq
+                    session.next_seq += 1
+                    self.ops.writes.append((OP_PUT, b"queue", queue_key(session.prefix, d.seq),
+                                            d.queue_value()))
+                session.queued_bytes += len(d.message.record)
+                fresh.append(d)
+        if fresh:
+            queue = session.writable_queue()
+            at = len(queue)
+            while at and queue[at - 1].order > mark:
+                at -= 1
+            for d in reversed(fresh):
+                queue.insert(at, d)
         self.pump(session)
 
     def unsubscribe(self, session, filters):
@@ -629,6 +690,8 @@ class Broker:
         trie = self.trie
         if not len(trie) and not batch.nretain:
             return routes
+        # What abort_route undoes if this raises half way.
+        self._routing = (routes, len(self.ops.queued), len(self.ops.retained))
         items = batch.items
         cache = self._route_cache
         sessions = self.sessions
@@ -692,14 +755,30 @@ class Broker:
                     copy[1] = copy[1] or sub.retain_as_published
                     if sub.sub_id:
                         copy[2].append(sub.sub_id)
-            out = []
+            out = routes[index] = []
             for (session, share), (qos, rap, sub_ids) in copies.items():
                 d = self._admit(session, message, qos, rap, tuple(sub_ids), share, index)
                 if d is not None:
                     out.append((session, d))
-            if out:
-                routes[index] = out
+            if not out:
+                del routes[index]
+        self._routing = None
         return routes
+
+    _routing = None
+
+    def abort_route(self):
+        """route() raised: take back the copies and store entries it had made."""
+        if self._routing is None:
+            return
+        routes, queued, retained = self._routing
+        self._routing = None
+        for copies in routes.values():
+            for session, d in copies:
+                session.pending -= 1
+                session.queued_bytes -= len(d.message.record)
+        del self.ops.queued[queued:]
+        del self.ops.retained[retained:]
 
     def _retain(self, index, topic, record):
         payload_empty = record_fields(record)[5] == b""
@@ -825,6 +904,8 @@ class Broker:
                 elif session.ended:
                     session.queued_bytes -= len(d.message.record)
                     continue
+                session.enqueued += 1
+                d.order = session.enqueued
                 session.writable_queue().append(d)
                 if trim:
                     grown.add(session)
@@ -899,22 +980,66 @@ class Broker:
                 continue
             if d.qos == 0:
                 self._forget(session, d)
-                self._send(conn, d, 0, False)
+                if session.holding is not None:
+                    session.holding.append(d)
+                else:
+                    self._send(conn, d, 0, False)
+                continue
+            if d.state != QUEUED and d.packet_id not in inflight:
+                # Sent on an earlier connection, moved back by resume(): same id, DUP.
+                packet_id = d.packet_id
+                inflight[packet_id] = d
+                if d.state == RELEASED:
+                    out += bytes((PUBREL_HEADER, 2, packet_id >> 8, packet_id & 0xFF))
+                elif not self._send(conn, d, packet_id, True):
+                    del inflight[packet_id]
+                    self._forget(session, d)
                 continue
             packet_id = session.take_packet_id()
             d.packet_id = packet_id
-            d.state = SENT
             inflight[packet_id] = d
-            if not self._send(conn, d, packet_id, False):
+            d.state = SENT
+            if d.seq is not None and session.stored:
+                # Which packet id the copy goes out with is written with the next
+                # batch, so a restart re-sends it with DUP and the same id.
+                self.ops.writes.append((OP_PUT, b"queue", queue_key(session.prefix, d.seq),
+                                        d.queue_value(sent=True)))
+                if d.qos == 2 and self.after_commit is not None \
+                        and session.holding is None:
+                    # QoS 2 is exactly once only if that id survives a crash: the
+                    # PUBLISH waits for the commit, and so does everything after it
+                    # (order is kept; one commit of latency per pump, not per copy).
+                    session.holding = []
+                    self.after_commit(self._release_holding, session)
+            if session.holding is not None:
+                d.state = HELD
+                session.holding.append(d)
+            elif not self._send(conn, d, packet_id, False):
                 del inflight[packet_id]
                 self._forget(session, d)
-                continue
-            if d.seq is not None and session.stored:
-                # Lazily, with the next batch: which packet id the copy went out with,
-                # so a restart re-sends it with DUP and the same id.
-                self.ops.writes.append((OP_PUT, b"queue", queue_key(session.prefix, d.seq),
-                                        d.queue_value()))
         return bool(queue) and len(out) >= high
+
+    def _release_holding(self, session):
+        """The packet ids of the held copies are committed: send them, in order."""
+        holding, session.holding = session.holding, None
+        conn = session.conn
+        if conn is not None and (conn.state == STATE_CLOSED or conn.close_after_flush):
+            conn = None
+        for d in holding:
+            if d.qos == 0:
+                if conn is not None:
+                    self._send(conn, d, 0, False)
+                continue
+            if d.state != HELD or session.inflight.get(d.packet_id) is not d:
+                continue
+            if conn is None:
+                # Sent by resume() on the next connection.
+                continue
+            d.state = SENT
+            if not self._send(conn, d, d.packet_id, False):
+                del session.inflight[d.packet_id]
+                self._forget(session, d)
+        self.dirty.add(session)
 
     def _send(self, conn, d, packet_id, dup):
         """Append one PUBLISH to the connection's output; False if it was too large."""
@@ -940,14 +1065,18 @@ class Broker:
                 elif len(alias_map) < conn.topic_alias_maximum_out:
                     # Taken only once the packet is really sent (see below).
                     new_alias = props["topic_alias"] = len(alias_map) + 1
-            packet = encode_publish(topic.encode(), d.qos, d.retain, dup, packet_id,
-                                    encode_properties(props) if props else b"",
-                                    message.payload, version)
+            try:
+                packet = encode_publish(topic.encode(), d.qos, d.retain, dup, packet_id,
+                                        encode_properties(props) if props else b"",
+                                        message.payload, version)
+            except ValueError:
+                # Past MQTT's own 268435455-byte limit once the properties are added.
+                packet = None
         else:
             new_alias = None
             packet = encode_publish(message.topic_bytes, d.qos, d.retain, dup, packet_id,
                                     message.raw_properties, message.payload, version)
-        if len(packet) > conn.max_packet_out:
+        if packet is None or len(packet) > conn.max_packet_out:
             # MQTT 5.0 §3.1.2.11.4 [MQTT-3.1.2-25]: a packet over the client's Maximum
             # Packet Size is not sent; it is dropped as if it had been delivered.
             self.metrics["deliveries_skipped_too_large"] += 1
@@ -974,14 +1103,26 @@ class Broker:
         self._forget(session, d)
         return True
 
-    def pubrec(self, session, packet_id):
+    def pubrec(self, session, packet_id, send_pubrel):
+        """PUBREC for a QoS 2 delivery: ``send_pubrel()`` once its state is safe.
+
+        For a stored session the PUBREL waits until "PUBREC received" is
+        committed, so a crash never makes the server re-send a PUBLISH the
+        client has already completed.  False for an unknown packet id.
+        """
         d = session.inflight.get(packet_id)
-        if d is None or d.qos != 2:
+        if d is None or d.qos != 2 or d.state == HELD:
             return False
+        if d.state == RELEASED:
+            send_pubrel()
+            return True
         d.state = RELEASED
-        if d.seq is not None and session.stored:
+        if d.seq is not None and session.stored and self.after_commit is not None:
             self.ops.writes.append((OP_PUT, b"queue", queue_key(session.prefix, d.seq),
                                     d.queue_value()))
+            self.after_commit(send_pubrel)
+        else:
+            send_pubrel()
         return True
 
     def pubrec_refused(self, session, packet_id):
@@ -1013,49 +1154,58 @@ class Broker:
                 takers[share] = self._other_member(share, session)
             return takers[share]
 
-        kept = deque()
         moved = []
-        for d in session.queue:
-            if d.share is not None and taker(d.share) is not None:
-                moved.append(d)
-            else:
-                kept.append(d)
+        # The copies in flight are older than the queued ones: they go first.
         for packet_id, d in list(session.inflight.items()):
             if d.share is not None and d.state == SENT and d.qos == 1 \
                     and taker(d.share) is not None:
                 del session.inflight[packet_id]
                 moved.append(d)
+        kept = deque()
+        for d in session.queue:
+            if d.share is not None and d.state == QUEUED and taker(d.share) is not None:
+                moved.append(d)
+            else:
+                kept.append(d)
         if not moved:
             return
         session.queue = kept
         for d in moved:
             self._forget(session, d)
-            self._give(takers[d.share], d)
+            self._give(*takers[d.share], d)
 
     def _reassign(self, session, d):
         """A shared copy committed for a member that has left: another member, or it stays."""
-        target = self._other_member(d.share, session)
-        if target is None:
+        taker = self._other_member(d.share, session)
+        if taker is None:
             if session.ended:
                 session.queued_bytes -= len(d.message.record)
                 return None
             return session
         self._forget(session, d)
-        self._give(target, d)
+        self._give(*taker, d)
         return None
 
     def _other_member(self, share, leaving):
+        """A connected member of the group other than ``leaving``: (session, its sub)."""
         group = self.shares.get(share)
         if group is None:
             return None
-        for client_id in group.members:
+        members = list(group.members.items())
+        for i in range(len(members)):
+            client_id, sub = members[(group.turn + i) % len(members)]
             other = self.sessions.get(client_id)
             if other is not None and other is not leaving and other.conn is not None:
-                return other
+                group.turn = (group.turn + i + 1) % len(members)
+                return other, sub
         return None
 
-    def _give(self, target, d):
-        copy = Delivery(d.message, d.qos, d.retain, d.sub_ids, d.share, None)
+    def _give(self, target, sub, d):
+        """A shared copy goes to another member, as that member's subscription grants it."""
+        message = d.message
+        copy = Delivery(message, min(message.qos, sub.qos),
+                        message.retain and sub.retain_as_published,
+                        (sub.sub_id,) if sub.sub_id else (), d.share, None)
         if target.persistent and copy.qos:
             copy.seq = target.next_seq
             target.next_seq += 1

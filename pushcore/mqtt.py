@@ -360,8 +360,21 @@ class MQTTServerConnection(ConnState):
     def handle_pingreq(self, p):
         if self.state != STATE_CONNECTED:
             raise ProtocolError("PINGREQ before CONNECT")
+        session = self.session
+        if session is not None and session.holding is not None:
+            # Deliveries wait for a commit (QoS 2 to a stored session): the answer
+            # follows them, so a PINGREQ still tells the client it has everything owed.
+            self.server.after_commit(self._pingresp)
+            return
+        self._pingresp()
+
+    def _pingresp(self):
+        if self.state == STATE_CLOSED:
+            return
         # MQTT 3.1.1 §3.12 / 5.0 §3.12: PINGRESP is two fixed bytes.
         self.out += b"\xd0\x00"
+        if self.transport is not None:
+            self.transport.flush()
 
     def handle_subscribe(self, p):
         if self.state != STATE_CONNECTED:
@@ -381,25 +394,30 @@ class MQTTServerConnection(ConnState):
         session = self.session
         codes, wanted = broker.subscribe(session, p.subscriptions, sub_id)
         suback = encode(Suback(p.packet_id, codes, None), self.version)
+        mark = session.enqueued
         if session.persistent:
             # The subscription is part of the stored session: SUBACK only once the
             # session record holding it is committed, like a PUBACK.
-            self.server.after_commit(self._after_commit, suback, wanted)
+            self.server.after_commit(self._after_commit, suback, wanted, mark)
         else:
             self.out += suback
             if wanted:
                 # Retained messages once what is committing now is committed: a newer
                 # retained message in that batch is the one to send.
-                self.server.after_commit(self._after_commit, b"", wanted)
+                self.server.after_commit(self._after_commit, b"", wanted, mark)
 
-    def _after_commit(self, reply, wanted):
-        """A SUBACK/UNSUBACK and retained messages that waited for the commit."""
-        if self.state == STATE_CLOSED:
-            return
-        self.out += reply
-        if wanted:
-            self.broker.send_retained(self.session, wanted, self.ingest.now_ms)
-        self.transport.flush()
+    def _after_commit(self, reply, wanted, mark):
+        """A SUBACK/UNSUBACK and retained messages that waited for the commit.
+
+        A stored session gets its retained messages queued even when this
+        connection is gone: they are part of what the subscription owes it.
+        """
+        if self.state != STATE_CLOSED:
+            self.out += reply
+        if wanted and (self.state != STATE_CLOSED or self.session.persistent):
+            self.broker.send_retained(self.session, wanted, self.ingest.now_ms, mark)
+        if self.state != STATE_CLOSED:
+            self.transport.flush()
 
     def handle_unsubscribe(self, p):
         if self.state != STATE_CONNECTED:
@@ -414,7 +432,7 @@ class MQTTServerConnection(ConnState):
             unsuback = encode(Unsuback(p.packet_id, [], None), MQTT311)
         if self.session is not None and self.session.persistent:
             # As SUBACK: once the stored session no longer holds the subscription.
-            self.server.after_commit(self._after_commit, unsuback, None)
+            self.server.after_commit(self._after_commit, unsuback, None, 0)
         else:
             self.out += unsuback
 
@@ -452,13 +470,22 @@ class MQTTServerConnection(ConnState):
             # MQTT 5.0 §4.3.3: a PUBREC with a failure code ends the flow; no PUBREL.
             self.broker.pubrec_refused(self.session, p.packet_id)
             return
-        if self.broker.pubrec(self.session, p.packet_id):
-            self.out += encode_ack(_frame.PUBREL, p.packet_id, 0, self.version)
-        elif self.version == MQTT5:
+        packet_id = p.packet_id
+        if self.broker.pubrec(self.session, packet_id, lambda: self._send_pubrel(packet_id)):
+            return
+        if self.version == MQTT5:
             # MQTT 5.0 §3.6.2.1: 0x92 Packet Identifier not found.
             self.out += encode_ack(_frame.PUBREL, p.packet_id, 0x92, MQTT5)
         else:
             self.out += encode_ack(_frame.PUBREL, p.packet_id, 0, MQTT311)
+
+    def _send_pubrel(self, packet_id):
+        """MQTT 5.0 §4.3.3: PUBREL once the PUBREC is recorded (maybe after a commit)."""
+        if self.state == STATE_CLOSED:
+            return
+        self.out += encode_ack(_frame.PUBREL, packet_id, 0, self.version)
+        if self.transport is not None:
+            self.transport.flush()
 
     def handle_unexpected(self, p):
         # MQTT 5.0 §4.13: a packet only the server sends is a Protocol Error.
