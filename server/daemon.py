@@ -32,6 +32,7 @@ from pushcore.log import Log, StoreOps
 from pushcore.mqtt import MQTT5, STATE_CLOSED, MQTTSettings, publish_will
 
 from . import systemd
+from .delivery import Engine
 from .connection import PAUSE_DRAIN, PAUSE_GLOBAL, PAUSE_STORE, Connection, set_nodelay
 from .loop import EventLoop
 
@@ -201,7 +202,10 @@ class Server:
                 subscribe_deny=m.subscribe_deny,
             ),
             self.metrics, self.loop.call_later, self._publish_will)
+        self.broker.after_commit = self.after_commit
         self.broker.load(self.store, int(time.time() * 1000))
+        # The delivery engine (routes to webhooks and Python callables), if configured.
+        self.engine = Engine(self, cfg.sinks, cfg.routes) if cfg.sinks else None
         # What the batch being committed carries besides its records: the broker's
         # routes and store writes, and the callbacks waiting for the commit.
         self.committing_routes = {}
@@ -300,8 +304,13 @@ class Server:
         """Hand the pending batch to the writer; acks wait for ``_committed``."""
         ingest = self.ingest
         ingest.now_ms = int(time.time() * 1000)
+        if self.broker.dirty:
+            # Copies queued outside a commit (shared copies handed over when a member
+            # left) go out now, not with whatever commit comes next.
+            for proto in self.broker.flush_dirty():
+                proto.transport.deliver()
         batch = ingest.batch
-        if (len(batch) or self.store_held is not None or self.broker.ops or self.callbacks) \
+        if (len(batch) or self.store_held is not None or self._state_pending()) \
                 and self.committing is None and self.loop.time() >= self.store_full_until:
             self._submit()
         elif (len(batch.items) >= self.batch_max_messages or batch.nbytes >= self.batch_max_bytes) \
@@ -310,6 +319,11 @@ class Server:
             # (lazily, when each next becomes readable) until this batch is committed.
             self.global_paused = True
             self.metrics["global_pauses"] += 1
+
+    def _state_pending(self):
+        """Store writes owed besides records: broker state, cursors, callbacks."""
+        return bool(self.broker.ops or self.callbacks or
+                    (self.engine is not None and self.engine.pending()))
 
     def _submit(self):
         if self.store_held is not None:
@@ -338,10 +352,13 @@ class Server:
             log.exception("routing a batch of %d messages failed", len(batch.items))
             self.metrics["internal_errors"] += 1
             self.metrics["deliveries_lost_routing_error"] += len(batch.items)
+            self.broker.abort_route()
             routes = {}
         self.committing = batch
         self.committing_routes = routes
         ops = self.committing_ops = self.broker.take_ops()
+        if self.engine is not None:
+            ops.writes.extend(self.engine.take_writes())
         self.committing_callbacks, self.callbacks = self.callbacks, []
         self.writer.append(batch, ops if ops else None, now_ms, self._committed)
 
@@ -353,11 +370,12 @@ class Server:
         callbacks, self.committing_callbacks = self.committing_callbacks, []
         if error is None:
             self._ack(batch, results)
-            self.broker.committed(routes, results, self.ingest.now_ms)
-            for fn, args in callbacks:
-                fn(*args)
-            for proto in self.broker.flush_dirty():
-                proto.transport.deliver()
+            try:
+                self._after_commit(routes, results, callbacks)
+            except Exception:
+                # A bug after the acks: logged and counted; the commits go on.
+                log.exception("after a commit of %d messages", len(results))
+                self.metrics["internal_errors"] += 1
         else:
             self.broker.refused(routes, ops or StoreOps(), isinstance(error, StoreFull))
             self.callbacks[:0] = callbacks
@@ -367,7 +385,7 @@ class Server:
             paused, self.globally_paused = self.globally_paused, set()
             for conn in paused:
                 conn.resume(PAUSE_GLOBAL)
-        if (len(self.ingest.batch) or self.broker.ops or self.callbacks) \
+        if (len(self.ingest.batch) or self._state_pending()) \
                 and self.loop.time() >= self.store_full_until:
             self._submit()
         elif self.draining and self.store_held is not None:
@@ -375,7 +393,7 @@ class Server:
             # their publishers resend them after the restart.
             self.store_held = None
             self._finish_drain()
-        elif self.draining and not len(self.ingest.batch) and not self.broker.ops:
+        elif self.draining and not len(self.ingest.batch) and not self._state_pending():
             self._finish_drain()
 
     def _ack(self, batch, results):
@@ -392,6 +410,16 @@ class Server:
             for conn in list(self.conns.values()):
                 if conn.paused & PAUSE_STORE:
                     conn.resume(PAUSE_STORE)
+
+    def _after_commit(self, routes, results, callbacks):
+        """Deliveries, SUBACKs and cursors that waited for this commit."""
+        self.broker.committed(routes, results, self.ingest.now_ms)
+        for fn, args in callbacks:
+            fn(*args)
+        for proto in self.broker.flush_dirty():
+            proto.transport.deliver()
+        if self.engine is not None and results:
+            self.engine.committed({r[0] for r in results if not r[2]})
 
     def _refuse(self, batch, error):
         m = self.metrics
@@ -454,7 +482,7 @@ class Server:
 
     def _retry_store(self):
         if self.committing is None and (self.store_held is not None or len(self.ingest.batch)
-                                        or self.broker.ops or self.callbacks):
+                                        or self._state_pending()):
             self._submit()
 
     def _start_expire(self):
@@ -500,10 +528,16 @@ class Server:
                  _peer(addr), self.cfg.storage.data_dir, self.store.partitions,
                  self.cfg.storage.durability)
         self.loop.call_later(self.cfg.storage.retention.check_interval, self._expire_tick)
+        if self.engine is not None:
+            self.engine.start()
+            log.info("delivery: %d sinks, %d routes", len(self.engine.sinks),
+                     len(self.cfg.routes))
         systemd.notify(f"READY=1\nSTATUS=listening on {_peer(addr)}")
         try:
             self.loop.run()
         finally:
+            if self.engine is not None:
+                self.engine.stop()
             self.writer.stop()
             self.store.close()
             self.loop.close()
@@ -536,7 +570,11 @@ class Server:
         for conn in list(self.conns.values()):
             conn.pause(PAUSE_DRAIN)
         self.broker.stop_will_timers()
-        if self.committing is None and not len(self.ingest.batch) and not self.broker.ops:
+        if self.engine is not None:
+            # No new deliveries; the cursors of those done are committed below, those
+            # still in flight are delivered again after the restart (at least once).
+            self.engine.stop()
+        if self.committing is None and not len(self.ingest.batch) and not self._state_pending():
             self._finish_drain()
         elif self.committing is None:
             self._submit()

@@ -1,0 +1,726 @@
+"""The delivery engine: stored messages to webhooks and Python callables.
+
+Each configured sink reads every partition of the log in order, from its
+cursor, and hands the records whose topic matches one of its routes to its
+transport: an HTTP/1.1 webhook (non-blocking sockets in the reactor, a
+keep-alive pool, responses parsed by ``pushcore._http``) or a Python
+callable run in worker threads.  What happens next is one of three outcomes
+(``pushcore.webhook.classify``):
+
+- success: the cursor moves past the records.  Cursors are written with the
+  next group commit (the same write path as ingest), so after a crash
+  delivery resumes from the last committed cursor: at least once, nothing
+  lost; a receiver drops duplicates by ``Idempotency-Key``.
+- retry: exponential backoff with full jitter.  ``ordering: strict`` holds
+  the partition behind its failing head (its due time is in the LMDB retry
+  queue, so a restart keeps waiting); ``ordering: none`` puts the record in
+  the retry queue and lets the partition go on.
+- dead: the record goes to the dead-letter queue (LMDB), with its attempts
+  and last error, and the partition goes on.  ``pushcore dlq replay`` puts
+  entries back into the retry queue, where the retry poller finds them.
+
+Callback order for one partition of one sink::
+
+    read -> send -> (success | retry -> [held] -> send ... | dead) -> read ...
+"""
+
+import collections
+import concurrent.futures
+import errno
+import importlib
+import ipaddress
+import logging
+import socket
+import time
+
+from pushcore import _http
+from pushcore.errors import ConfigError
+from pushcore.log import (
+    OP_DELETE,
+    OP_PUT,
+    cursor_key,
+    cursor_value,
+    dlq_key,
+    encode_failure,
+    retry_key,
+)
+from pushcore.record import decode_record
+from pushcore.topics import matches
+from pushcore.webhook import (
+    RETRY,
+    SUCCESS,
+    Delivery,
+    Outcome,
+    RetryPolicy,
+    build_batch_request,
+    build_request,
+    classify,
+    classify_error,
+    retry_delay,
+)
+
+log = logging.getLogger("pushcore.delivery")
+
+# Records read from one partition per read transaction.
+READ_CHUNK = 512
+# How often the retry queue is looked at for due entries (ordering none, replays).
+RETRY_POLL_S = 0.25
+# Retry entries taken per poll and sink.
+RETRY_BATCH = 256
+# A resolved name is used this long before it is resolved again.
+RESOLVE_TTL_S = 30.0
+# Bytes read from a webhook connection per recv.
+RECV_SIZE = 65536
+
+
+class Engine:
+    """All sinks of one server, and the store writes they owe the next commit."""
+
+    def __init__(self, server, sinks_cfg, routes_cfg):
+        self.loop = server.loop
+        self.store = server.store
+        self.metrics = server.metrics
+        self.writes = []
+        # (sink id, partition) -> next offset, written once per commit however many
+        # deliveries moved it.
+        self.cursors = {}
+        self.resolver = concurrent.futures.ThreadPoolExecutor(1, "pushcore-resolve")
+        names = list(sinks_cfg)
+        ids = self.store.register_sinks(names)
+        cursors = self.store.cursors()
+        self.sinks = []
+        for name in names:
+            filters = [topic_filter for topic_filter, sink in routes_cfg if sink == name]
+            self.sinks.append(Sink(self, name, ids[name], sinks_cfg[name], filters, cursors))
+
+    def start(self):
+        for sink in self.sinks:
+            sink.start()
+
+    def take_writes(self):
+        writes, self.writes = self.writes, []
+        for (sink_id, partition), offset in self.cursors.items():
+            writes.append((OP_PUT, b"cursor", cursor_key(sink_id, partition),
+                           cursor_value(offset)))
+        self.cursors.clear()
+        return writes
+
+    def pending(self):
+        return bool(self.writes or self.cursors)
+
+    def committed(self, partitions):
+        """New records were committed in these partitions."""
+        for sink in self.sinks:
+            sink.wake(partitions)
+
+    def stop(self):
+        for sink in self.sinks:
+            sink.stop()
+        self.resolver.shutdown(wait=False, cancel_futures=True)
+
+
+class PartitionState:
+    __slots__ = ("partition", "next", "busy", "attempts", "held", "retry_key", "ahead")
+
+    def __init__(self, partition, next_offset):
+        self.partition = partition
+        # The next offset to read; everything before it is delivered, dead or retrying.
+        self.next = next_offset
+        self.busy = False
+        # Failed attempts of the head (ordering strict).
+        self.attempts = 0
+        # The timer holding a strict partition behind its failing head.
+        self.held = None
+        # Its entry in the retry queue, deleted once the head is delivered.
+        self.retry_key = None
+        # Records read ahead from ``next`` on: (offset, record bytes), oldest last.
+        self.ahead = []
+
+
+class Sink:
+    """One sink: its routes, cursors, transport and retry policy."""
+
+    def __init__(self, engine, name, sink_id, cfg, filters, cursors):
+        self.engine = engine
+        self.loop = engine.loop
+        self.store = engine.store
+        self.metrics = engine.metrics
+        self.name = name
+        self.sink_id = sink_id
+        self.filters = tuple(filters)
+        self.strict = cfg.ordering == "strict"
+        self.concurrency = cfg.concurrency
+        retry = cfg.retry
+        self.policy = RetryPolicy(base_s=retry.base, factor=retry.factor, cap_s=retry.cap,
+                                  max_attempts=retry.max_attempts,
+                                  retry_4xx=cfg.on_4xx == "retry",
+                                  max_retry_after_s=retry.max_retry_after)
+        if cfg.type == "webhook":
+            self.transport = WebhookTransport(self, cfg)
+            self.batch = cfg.batch
+        else:
+            self.transport = PythonTransport(self, cfg)
+            self.batch = 1
+        self.partitions = []
+        for partition in range(self.store.partitions):
+            start = cursors.get((sink_id, partition))
+            if start is None:
+                # A new sink starts at the oldest record kept (retention waits for it
+                # from now on).
+                start = self.store.first_offset(partition)
+            self.partitions.append(PartitionState(partition, start))
+        self.active = 0
+        self.waiting = collections.deque()
+        # Retry-queue keys being sent or done but maybe not yet deleted in the store.
+        self.retrying = set()
+        self.retry_in_flight = set()
+        self.retry_timer = None
+        self.stopped = False
+
+    # -- start and stop ------------------------------------------------------
+
+    def start(self):
+        if self.strict:
+            # A head that was failing when the server stopped goes on waiting for its
+            # due time; other retry entries of this sink are replays (or ordering none).
+            now_ms = _now_ms()
+            for key, due, sink_id, partition, offset, attempts, *_ in \
+                    self.store.retry_due(2 ** 63):
+                if sink_id != self.sink_id:
+                    continue
+                ps = self.partitions[partition]
+                if offset == ps.next and ps.retry_key is None:
+                    ps.attempts = attempts
+                    ps.retry_key = key
+                    self._hold(ps, max(0.0, (due - now_ms) / 1000))
+        for ps in self.partitions:
+            self._schedule(ps)
+        self.retry_timer = self.loop.call_later(RETRY_POLL_S, self._poll_retries)
+
+    def stop(self):
+        self.stopped = True
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+        for ps in self.partitions:
+            if ps.held is not None:
+                ps.held.cancel()
+        self.transport.close()
+
+    def wake(self, partitions):
+        for partition in partitions:
+            self._schedule(self.partitions[partition])
+
+    # -- reading the log -------------------------------------------------------
+
+    def _schedule(self, ps):
+        """Send the partition's next records, or queue it for a free slot."""
+        if ps.busy or ps.held is not None or self.stopped:
+            return
+        if self.active >= self.concurrency:
+            if ps not in self.waiting:
+                self.waiting.append(ps)
+            return
+        self._send_next(ps)
+
+    def _send_next(self, ps):
+        batch = []
+        raws = []
+        moved = False
+        while len(batch) < self.batch:
+            ahead = ps.ahead
+            if not ahead or ahead[-1][0] < ps.next:
+                rows = self.store.read(ps.partition, ps.next, READ_CHUNK)
+                if not rows:
+                    break
+                ahead[:] = reversed(rows)
+            offset, value = ahead[-1]
+            if offset < ps.next:
+                ahead.pop()
+                continue
+            record = decode_record(bytes(value))
+            if not self._routed(record.topic):
+                if batch:
+                    break
+                # Nobody here wants it: the cursor simply moves past it.
+                ahead.pop()
+                ps.next = offset + 1
+                moved = True
+                continue
+            if batch and offset != batch[-1].offset + 1:
+                break
+            ahead.pop()
+            batch.append(Delivery.from_record(record, ps.partition, offset))
+            raws.append(bytes(value))
+        if not batch:
+            if moved:
+                self._write_cursor(ps)
+            return
+        # Until the outcome, the batch is not read again; a retry puts it back.
+        ps.busy = True
+        self.active += 1
+        self.transport.send(batch, lambda outcome, status=0: self._done(ps, batch, raws,
+                                                                        outcome, status))
+
+    def _routed(self, topic):
+        return any(matches(topic_filter, topic) for topic_filter in self.filters)
+
+    def _write_cursor(self, ps):
+        self.engine.cursors[(self.sink_id, ps.partition)] = ps.next
+
+    def _free_slot(self):
+        self.active -= 1
+        while self.waiting and self.active < self.concurrency:
+            self._schedule(self.waiting.popleft())
+
+    # -- outcomes --------------------------------------------------------------
+
+    def _done(self, ps, batch, raws, outcome, status):
+        ps.busy = False
+        self._free_slot()
+        if self.stopped:
+            return
+        m = self.metrics
+        if outcome.kind == SUCCESS:
+            m[f"sink_{self.name}_delivered"] += len(batch)
+            self._passed(ps, batch)
+        elif outcome.kind == RETRY and ps.attempts + 1 < self.policy.max_attempts:
+            m[f"sink_{self.name}_failed_attempts"] += 1
+            attempt = ps.attempts
+            ps.attempts += 1
+            delay = retry_delay(outcome, attempt, self.policy)
+            due_ms = _now_ms() + int(delay * 1000)
+            log.info("sink %s: partition %d offset %d: %s; retry %d in %.2f s",
+                     self.name, ps.partition, batch[0].offset, outcome.reason, ps.attempts,
+                     delay)
+            if self.strict:
+                self._retry_head(ps, batch[0], raws[0], outcome, status, due_ms)
+                # The held records are read again when the hold ends.
+                ps.ahead.clear()
+                self._hold(ps, delay)
+                return
+            for delivery, raw in zip(batch, raws):
+                self._put_retry(delivery, raw, ps.attempts, outcome, status, due_ms)
+            ps.attempts = 0
+            ps.next = batch[-1].offset + 1
+        else:
+            m[f"sink_{self.name}_dead"] += len(batch)
+            log.warning("sink %s: partition %d offsets %d..%d to the dead-letter queue "
+                        "after %d attempts: %s", self.name, ps.partition, batch[0].offset,
+                        batch[-1].offset, ps.attempts + 1, outcome.reason)
+            for delivery, raw in zip(batch, raws):
+                self._put_dead(delivery, raw, ps.attempts + 1, outcome, status)
+            self._passed(ps, batch)
+        self._write_cursor(ps)
+        self._schedule(ps)
+
+    def _passed(self, ps, batch):
+        ps.next = batch[-1].offset + 1
+        ps.attempts = 0
+        if ps.retry_key is not None:
+            self.engine.writes.append((OP_DELETE, b"retry", ps.retry_key, None))
+            self.retrying.discard(ps.retry_key)
+            ps.retry_key = None
+
+    def _hold(self, ps, delay):
+        ps.held = self.loop.call_later(delay, self._release, ps)
+
+    def _release(self, ps):
+        ps.held = None
+        self._schedule(ps)
+
+    def _retry_head(self, ps, delivery, raw, outcome, status, due_ms):
+        """ordering strict: the head's due time goes to the retry queue too (restarts)."""
+        if ps.retry_key is not None:
+            self.engine.writes.append((OP_DELETE, b"retry", ps.retry_key, None))
+            self.retrying.discard(ps.retry_key)
+        ps.retry_key = retry_key(due_ms, self.sink_id, ps.partition, delivery.offset)
+        # The poller must leave a held head to its partition.
+        self.retrying.add(ps.retry_key)
+        self.engine.writes.append((OP_PUT, b"retry", ps.retry_key,
+                                   encode_failure(ps.attempts, status, outcome.reason, raw)))
+
+    def _put_retry(self, delivery, raw, attempts, outcome, status, due_ms):
+        key = retry_key(due_ms, self.sink_id, delivery.partition, delivery.offset)
+        self.engine.writes.append((OP_PUT, b"retry", key,
+                                   encode_failure(attempts, status, outcome.reason, raw)))
+
+    def _put_dead(self, delivery, raw, attempts, outcome, status):
+        key = dlq_key(self.sink_id, _now_ms(), delivery.partition, delivery.offset)
+        self.engine.writes.append((OP_PUT, b"dlq", key,
+                                   encode_failure(attempts, status, outcome.reason, raw)))
+
+    # -- the retry queue: ordering none, and replays -----------------------------
+
+    def _poll_retries(self):
+        self.retry_timer = None
+        if self.stopped:
+            return
+        try:
+            due = self.store.retry_due(_now_ms(), RETRY_BATCH * 4)
+        except Exception:
+            log.exception("sink %s: reading the retry queue failed", self.name)
+            due = []
+        seen = set()
+        taken = 0
+        for key, _due, sink_id, partition, offset, attempts, _status, _error, record in due:
+            if sink_id != self.sink_id:
+                continue
+            seen.add(key)
+            if key in self.retrying or taken >= RETRY_BATCH:
+                continue
+            self.retrying.add(key)
+            self.retry_in_flight.add(key)
+            taken += 1
+            delivery = Delivery.from_record(decode_record(record), partition, offset)
+            self.transport.send([delivery], lambda outcome, status=0, key=key, raw=record,
+                                delivery=delivery, attempts=attempts:
+                                self._retried(key, delivery, raw, attempts, outcome, status))
+        # A key handled and deleted stays in ``retrying`` until the poll no longer
+        # sees it (its delete is committed), so it is not sent twice meanwhile.
+        held = {ps.retry_key for ps in self.partitions if ps.retry_key is not None}
+        self.retrying = {key for key in self.retrying
+                         if key in seen or key in held or key in self.retry_in_flight}
+        self.retry_timer = self.loop.call_later(RETRY_POLL_S, self._poll_retries)
+
+    def _retried(self, key, delivery, raw, attempts, outcome, status):
+        self.retry_in_flight.discard(key)
+        if self.stopped:
+            return
+        self.engine.writes.append((OP_DELETE, b"retry", key, None))
+        if outcome.kind == SUCCESS:
+            self.metrics[f"sink_{self.name}_delivered"] += 1
+        elif outcome.kind == RETRY and attempts + 1 < self.policy.max_attempts:
+            self.metrics[f"sink_{self.name}_failed_attempts"] += 1
+            delay = retry_delay(outcome, attempts, self.policy)
+            self._put_retry(delivery, raw, attempts + 1, outcome, status,
+                            _now_ms() + int(delay * 1000))
+        else:
+            self.metrics[f"sink_{self.name}_dead"] += 1
+            self._put_dead(delivery, raw, attempts + 1, outcome, status)
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+# -- transports ---------------------------------------------------------------------
+
+
+class PythonTransport:
+    """``module:function`` called with each Delivery in worker threads; raising is failing."""
+
+    def __init__(self, sink, cfg):
+        self.sink = sink
+        self.loop = sink.loop
+        module_name, _, function_name = cfg.function.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            self.function = getattr(module, function_name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"sinks.{sink.name}.function", f"cannot load {cfg.function!r}: "
+                              f"{exc}") from None
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.threads,
+                                                          f"pushcore-sink-{sink.name}")
+
+    def send(self, batch, done):
+        future = self.pool.submit(self._call, batch)
+        future.add_done_callback(
+            lambda f: self.loop.call_soon_threadsafe(done, f.result()))
+
+    def _call(self, batch):
+        try:
+            for delivery in batch:
+                self.function(delivery)
+        except Exception as exc:
+            return Outcome(RETRY, None, f"{type(exc).__name__}: {exc}")
+        return Outcome(SUCCESS, None, "ok")
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WebhookTransport:
+    """A keep-alive pool of HTTP/1.1 connections to one webhook target."""
+
+    def __init__(self, sink, cfg):
+        self.sink = sink
+        self.loop = sink.loop
+        # The configuration parsed and checked the URL (pushcore.webhook.Target).
+        self.target = cfg.url
+        self.secret = cfg.secret
+        self.connect_timeout = cfg.connect_timeout
+        self.response_timeout = cfg.response_timeout
+        self.max_connections = cfg.connections
+        self.idle = []
+        self.connections = set()
+        self.queue = collections.deque()
+        self.address = None
+        self.resolved_at = 0.0
+        self.resolving = False
+        self.closed = False
+        host = self.target.host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            # A literal address needs no name resolution.
+            self.address = (host, self.target.port)
+            self.resolved_at = float("inf")
+
+    def send(self, batch, done):
+        now_s = time.time()
+        if len(batch) == 1:
+            request = build_request(self.target, batch[0], self.secret, now_s=now_s)
+        else:
+            request = build_batch_request(self.target, batch, self.secret, now_s=now_s)
+        self.queue.append((request, done))
+        self._dispatch()
+
+    def _dispatch(self):
+        if self.closed:
+            return
+        if self.loop.time() - self.resolved_at > RESOLVE_TTL_S:
+            self._resolve()
+            if self.address is None:
+                return
+        while self.queue and self.idle:
+            conn = self.idle.pop()
+            conn.request(*self.queue.popleft())
+        while self.queue and len(self.connections) < self.max_connections:
+            conn = HTTPConnection(self)
+            self.connections.add(conn)
+            conn.request(*self.queue.popleft())
+
+    def _resolve(self):
+        # getaddrinfo blocks: it runs in a thread, never in the reactor.
+        if self.resolving:
+            return
+        self.resolving = True
+        future = self.sink.engine.resolver.submit(
+            socket.getaddrinfo, self.target.host, self.target.port, type=socket.SOCK_STREAM)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._resolved, f))
+
+    def _resolved(self, future):
+        self.resolving = False
+        try:
+            infos = future.result()
+        except (OSError, concurrent.futures.CancelledError) as exc:
+            if self.address is None:
+                # Nobody can be sent anything: every queued request fails (and is retried).
+                queue, self.queue = self.queue, collections.deque()
+                for _request, done in queue:
+                    done(classify_error("resolve", str(exc)))
+                return
+            log.warning("sink %s: resolving %s failed (%s); using %s", self.sink.name,
+                        self.target.host, exc, self.address[0])
+            self.resolved_at = self.loop.time()
+            self._dispatch()
+            return
+        self.address = infos[0][4][:2]
+        self.resolved_at = self.loop.time()
+        self._dispatch()
+
+    def released(self, conn):
+        """A connection finished its request and may be reused."""
+        if self.closed:
+            conn.close()
+            return
+        if self.queue:
+            conn.request(*self.queue.popleft())
+        else:
+            self.idle.append(conn)
+
+    def lost(self, conn):
+        self.connections.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+        self._dispatch()
+
+    def close(self):
+        self.closed = True
+        for conn in list(self.connections):
+            conn.close()
+
+
+class HTTPConnection:
+    """One non-blocking HTTP/1.1 client connection, one request at a time."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.loop = transport.loop
+        self.sock = None
+        self.fd = -1
+        self.connected = False
+        self.out = bytearray()
+        self.done = None
+        self.request_bytes = None
+        self.parser = None
+        self.response = None
+        self.timer = None
+        self.buf = bytearray()
+        self.reading = False
+        self.writing = False
+        self.reused = False
+        self.received = False
+
+    def request(self, request, done):
+        self.done = done
+        self.request_bytes = request
+        self.out += request
+        self.parser = _http.ResponseParser()
+        self.response = None
+        self.received = False
+        if self.sock is None:
+            self._connect()
+            return
+        self.reused = True
+        self.timer = self.loop.call_later(self.transport.response_timeout, self._timeout,
+                                          "response_timeout")
+        self._flush()
+
+    def _connect(self):
+        address = self.transport.address
+        try:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
+                                      socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fd = self.sock.fileno()
+            err = self.sock.connect_ex(address)
+        except OSError as exc:
+            self._fail("connect_refused", str(exc))
+            return
+        if err not in (0, errno.EINPROGRESS):
+            self._fail("connect_refused", errno.errorcode.get(err, str(err)))
+            return
+        self.timer = self.loop.call_later(self.transport.connect_timeout, self._timeout,
+                                          "connect_timeout")
+        self.writing = True
+        self.loop.add_writer(self.fd, self._on_connected)
+
+    def _on_connected(self):
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.loop.remove_writer(self.fd)
+        self.writing = False
+        if err:
+            self._fail("connect_refused", errno.errorcode.get(err, str(err)))
+            return
+        self.connected = True
+        self.timer.cancel()
+        self.timer = self.loop.call_later(self.transport.response_timeout, self._timeout,
+                                          "response_timeout")
+        self.reading = True
+        self.loop.add_reader(self.fd, self._on_readable)
+        self._flush()
+
+    def _flush(self):
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._fail("connection_reset", str(exc))
+            return
+        del self.out[:n]
+        if self.out and not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.fd, self._flush)
+        elif not self.out and self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        if not self.reading:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self):
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail("connection_reset", str(exc))
+            return
+        if not data:
+            self._eof()
+            return
+        if self.done is None:
+            # Bytes nobody asked for on an idle connection: it cannot be trusted.
+            self.close()
+            return
+        self.received = True
+        self.buf += data
+        try:
+            events, consumed = self.parser.feed(self.buf, 0, len(self.buf))
+        except Exception as exc:
+            self._fail("bad_response", str(exc))
+            return
+        del self.buf[:consumed]
+        for event in events:
+            if isinstance(event, _http.Response):
+                if event.status >= 200:
+                    self.response = event
+            elif isinstance(event, _http.EndOfMessage) and self.response is not None:
+                self._complete()
+                return
+
+    def _eof(self):
+        if self.done is None:
+            self.close()
+            return
+        if self.parser is not None and self.response is not None:
+            try:
+                end = self.parser.eof()
+            except Exception as exc:
+                self._fail("bad_response", str(exc))
+                return
+            if end is not None:
+                self._complete(keep=False)
+                return
+        if self.reused and not self.received:
+            # The server closed a kept-alive connection just as it was reused: send the
+            # request again on a fresh one; this is not an attempt that failed.
+            done, request = self.done, self.request_bytes
+            self.done = None
+            self.close()
+            self.transport.queue.appendleft((request, done))
+            self.transport._dispatch()
+            return
+        self._fail("connection_reset", "connection closed before the response ended")
+
+    def _complete(self, keep=True):
+        response = self.response
+        done, self.done = self.done, None
+        self.timer.cancel()
+        outcome = classify(response.status, response.headers, time.time(),
+                           self.transport.sink.policy)
+        if keep and response.keep_alive and not self.buf:
+            self.transport.released(self)
+        else:
+            self.close()
+        done(outcome, response.status)
+
+    def _timeout(self, kind):
+        seconds = self.transport.connect_timeout if kind == "connect_timeout" \
+            else self.transport.response_timeout
+        self._fail(kind, f"no answer within {seconds:g} s")
+
+    def _fail(self, kind, detail):
+        done, self.done = self.done, None
+        self.close()
+        if done is not None:
+            done(classify_error(kind, detail))
+
+    def close(self):
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.sock is not None:
+            if self.reading:
+                self.loop.remove_reader(self.fd)
+            if self.writing:
+                self.loop.remove_writer(self.fd)
+            self.reading = self.writing = False
+            self.sock.close()
+            self.sock = None
+        self.transport.lost(self)
+
