@@ -155,6 +155,7 @@ class Server:
             dedup_window_ms=int(cfg.dedup.window * 1000),
             retention_max_age_ms=int(st.retention.max_age * 1000),
             retention_max_bytes=st.retention.max_bytes,
+            retention_hard_max_bytes=st.retention.hard_max_bytes,
         )
         m = cfg.mqtt
         self.mqtt_settings = MQTTSettings(
@@ -498,6 +499,10 @@ class Server:
             return
         if result["records_trimmed"] or result["ids_expired"]:
             log.info("expiry: %s", result)
+        if result["records_trimmed_undelivered"]:
+            self.metrics["records_trimmed_undelivered"] += result["records_trimmed_undelivered"]
+            log.warning("retention.hard_max_bytes: %d records removed before every sink had "
+                        "delivered them", result["records_trimmed_undelivered"])
         if result["more"] and not self.draining:
             # Each expire job is bounded so it never stalls ingest for long; when it
             # stopped at its bound, the next one is queued behind the batches already
