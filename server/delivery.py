@@ -151,10 +151,12 @@ class Sink:
         self.strict = cfg.ordering == "strict"
         self.concurrency = cfg.concurrency
         retry = cfg.retry
+        webhook = cfg.type == "webhook"
+        # on_4xx and Retry-After are HTTP matters: a Python sink only ever retries.
+        http_policy = {"retry_4xx": cfg.on_4xx == "retry",
+                       "max_retry_after_s": retry.max_retry_after} if webhook else {}
         self.policy = RetryPolicy(base_s=retry.base, factor=retry.factor, cap_s=retry.cap,
-                                  max_attempts=retry.max_attempts,
-                                  retry_4xx=cfg.on_4xx == "retry",
-                                  max_retry_after_s=retry.max_retry_after)
+                                  max_attempts=retry.max_attempts, **http_policy)
         if cfg.type == "webhook":
             self.transport = WebhookTransport(self, cfg)
             self.batch = cfg.batch
@@ -192,6 +194,8 @@ class Sink:
                 if offset == ps.next and ps.retry_key is None:
                     ps.attempts = attempts
                     ps.retry_key = key
+                    # Its partition sends it when the hold ends; the poller must not.
+                    self.retrying.add(key)
                     self._hold(ps, max(0.0, (due - now_ms) / 1000))
         for ps in self.partitions:
             self._schedule(ps)
@@ -447,6 +451,7 @@ class WebhookTransport:
         self.loop = sink.loop
         # The configuration parsed and checked the URL (pushcore.webhook.Target).
         self.target = cfg.url
+        self.batching = cfg.batch > 1
         self.secret = cfg.secret
         self.connect_timeout = cfg.connect_timeout
         self.response_timeout = cfg.response_timeout
@@ -470,7 +475,11 @@ class WebhookTransport:
 
     def send(self, batch, done):
         now_s = time.time()
-        if len(batch) == 1:
+        # A batching sink always sends NDJSON, even one record: the receiver sees
+        # one format whatever was ready at the time.
+        if self.batching:
+            request = build_batch_request(self.target, batch, self.secret, now_s=now_s)
+        elif len(batch) == 1:
             request = build_request(self.target, batch[0], self.secret, now_s=now_s)
         else:
             request = build_batch_request(self.target, batch, self.secret, now_s=now_s)
