@@ -506,6 +506,9 @@ def _header(headers, name):
     return values[0] if len(values) == 1 else None
 
 
+_SUCCESSES = {}
+
+
 def classify(status, headers, now_s, policy):
     """The Outcome of a response with ``status`` and ``headers`` (a list of
     (lower-case name, value) bytes pairs), received at ``now_s``.
@@ -513,9 +516,13 @@ def classify(status, headers, now_s, policy):
     Retry-After (RFC 9110 §10.2.3) is read on retryable answers only; one
     that is missing, repeated or invalid is ignored.
     """
-    text = _status_text(status)
     if 200 <= status <= 299:
-        return Outcome(SUCCESS, None, text)
+        # The common answer, once per delivery: one shared Outcome per status.
+        outcome = _SUCCESSES.get(status)
+        if outcome is None:
+            outcome = _SUCCESSES[status] = Outcome(SUCCESS, None, _status_text(status))
+        return outcome
+    text = _status_text(status)
     if 300 <= status <= 399:
         location = _header(headers, b"location")
         where = f" to {location.decode('ascii', 'backslashreplace')}" if location else ""

@@ -69,6 +69,8 @@ RETRY_POLL_S = 0.25
 RETRY_BATCH = 256
 # A resolved name is used this long before it is resolved again.
 RESOLVE_TTL_S = 30.0
+# Distinct topics whose routing result a sink keeps.
+ROUTE_CACHE_MAX = 10_000
 # Bytes read from a webhook connection per recv.
 RECV_SIZE = 65536
 
@@ -148,6 +150,8 @@ class Sink:
         self.name = name
         self.sink_id = sink_id
         self.filters = tuple(filters)
+        # topic -> whether a route sends it here; bounded like the broker's.
+        self.route_cache = {}
         self.strict = cfg.ordering == "strict"
         self.concurrency = cfg.concurrency
         retry = cfg.retry
@@ -266,7 +270,13 @@ class Sink:
                                                                         outcome, status))
 
     def _routed(self, topic):
-        return any(matches(topic_filter, topic) for topic_filter in self.filters)
+        routed = self.route_cache.get(topic)
+        if routed is None:
+            if len(self.route_cache) >= ROUTE_CACHE_MAX:
+                self.route_cache.clear()
+            routed = self.route_cache[topic] = any(matches(topic_filter, topic)
+                                                   for topic_filter in self.filters)
+        return routed
 
     def _write_cursor(self, ps):
         self.engine.cursors[(self.sink_id, ps.partition)] = ps.next
