@@ -6,9 +6,15 @@ ports, runs every scenario against each in turn, prints a table with the
 ratios and writes it to bench/RESULTS.md.  Nothing here asserts a time: these
 machines are shared and noisy; compare within one run.
 
+Webhook delivery is measured on pushcore alone (Mosquitto has none): nginx
+(Debian package, installed if missing) runs as this script's child on a loopback
+port, answering 204 and logging each request; pushcore delivers what mqttload
+publishes to it, one message per request or 100 per NDJSON batch.
+
     ./run bench                          # full run (a few minutes)
     ./run bench --quick                  # shorter scenarios, for a smoke check
     ./run bench --only fan-in,fan-out    # a subset; prints, leaves RESULTS.md alone
+    ./run bench --only webhook,webhook-batch
 
 A scenario that fails on one broker (a refused SUBSCRIBE, a lost connection, a
 timeout) is reported as failed, with the reason, in its own cells; the rest of
@@ -51,27 +57,29 @@ def build_mqttload():
     return exe
 
 
-def ensure_mosquitto():
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+def ensure_debian(program):
+    """The path of `program`, installed first from the Debian package of that name if missing."""
+    sbin = f"/usr/sbin/{program}"
+    path = shutil.which(program) or (sbin if os.path.exists(sbin) else None)
     if path:
         return path
-    print("installing mosquitto (apt-get)...", file=sys.stderr)
+    print(f"installing {program} (apt-get)...", file=sys.stderr)
     subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "mosquitto"], check=True, stdout=subprocess.DEVNULL)
-    return shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    subprocess.run(["apt-get", "install", "-y", "-qq", program], check=True, stdout=subprocess.DEVNULL)
+    return shutil.which(program) or sbin
 
 
-def wait_port(port, proc, timeout=15):
+def wait_port(port, proc, timeout=15, name="broker"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("broker did not listen")
+    raise RuntimeError(f"{name} did not listen")
 
 
 class Broker:
@@ -121,14 +129,16 @@ def start_mosquitto(exe, workdir):
     return Broker("mosquitto", [exe, "-c", conf], port, workdir).start()
 
 
-def start_pushcore(workdir, durability):
+def start_pushcore(workdir, durability, delivery=""):
+    """Start pushcore; `delivery` is YAML for its sinks and routes (none by default)."""
     port = free_port()
     data = tempfile.mkdtemp(prefix="pushcore-bench-", dir=workdir)
     conf = os.path.join(workdir, "pushcore.yaml")
     with open(conf, "w") as f:
         # sessions.max_queued_messages: the same per-subscriber queue limit as Mosquitto's.
         f.write("log:\n  level: warning\nstorage:\n  map_size: 8GiB\n"
-                "mqtt:\n  max_connections: 20000\nsessions:\n  max_queued_messages: 1000000\n")
+                "mqtt:\n  max_connections: 20000\nsessions:\n  max_queued_messages: 1000000\n"
+                + delivery)
     argv = [sys.executable, "-m", "server.cli", "serve", "-c", conf, "--data", data,
             "--mqtt", f"127.0.0.1:{port}", "--durability", durability]
     return Broker("pushcore", argv, port, workdir).start()
@@ -305,6 +315,255 @@ def fan(exe, port, subscribers, publishers, published, rate=None):
     return result
 
 
+# -- webhook delivery (pushcore only: Mosquitto has no webhooks) ---------------------------
+
+
+def nginx_conf(rundir, port):
+    """A receiver that answers every request 204 and logs one line per request at once."""
+    return f"""# The bench's webhook receiver; bench/run.py rewrites this file on every start.
+daemon off;
+worker_processes 1;
+pid {rundir}/nginx.pid;
+error_log {rundir}/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    # When the request ended (s since the epoch, ms resolution), the record's time
+    # (ms, X-Pushcore-Time, which batches do not carry), the messages in a batch
+    # (X-Pushcore-Count; "-" for one) and the request's bytes.  Unbuffered: a line is
+    # in the file as soon as its request is answered.
+    log_format bench '$msec $http_x_pushcore_time $http_x_pushcore_count $request_length';
+    access_log {rundir}/access.log bench;
+    # Every request of a run on the connection it came on: pushcore keeps its 8 open.
+    keepalive_requests 100000;
+    keepalive_timeout 300s;
+    # A batch of 100 NDJSON lines is about 25 kB: bodies stay in memory, never a temp file.
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    # The temp paths Debian's build puts under /var/lib/nginx, here so that any user can run it.
+    client_body_temp_path {rundir}/body;
+    proxy_temp_path {rundir}/proxy;
+    fastcgi_temp_path {rundir}/fastcgi;
+    uwsgi_temp_path {rundir}/uwsgi;
+    scgi_temp_path {rundir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            return 204;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """Debian's nginx as the webhook receiver, in the foreground as this process's child.
+
+    Its pid file, logs and temp directories are in a directory of its own under
+    `workdir`; its configuration is bench/out/nginx.conf.
+    """
+
+    def __init__(self, exe, workdir):
+        self.exe = exe
+        self.rundir = tempfile.mkdtemp(prefix="nginx-", dir=workdir)
+        self.port = free_port()
+        self.access_log = os.path.join(self.rundir, "access.log")
+        self.proc = None
+
+    def start(self):
+        conf = os.path.join(OUT, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(nginx_conf(self.rundir, self.port))
+        error_log = os.path.join(self.rundir, "error.log")
+        out = open(os.path.join(self.rundir, "stderr.log"), "ab")
+        # -e: the error log while the configuration is read, before error_log applies (else
+        # /var/log/nginx).  A session of its own: a stop that has to kill takes the worker too.
+        self.proc = subprocess.Popen([self.exe, "-p", self.rundir, "-c", conf, "-e", error_log],
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        try:
+            wait_port(self.port, self.proc, name="nginx")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {last_words(self._tail(error_log), self._tail(out.name))}")
+        return self
+
+    @staticmethod
+    def _tail(path):
+        try:
+            with open(path, errors="replace") as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # SIGTERM is nginx's fast shutdown: the master stops its worker, then exits.
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class AccessLog:
+    """The receiver's log, read as it grows: one (end ms, record ms or None, messages) per request."""
+
+    def __init__(self, path):
+        self.path = path
+        self.pos = 0
+        self.partial = b""
+        self.requests = []
+        self.delivered = 0
+
+    def read(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self.pos += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            msec, record_ms, count, _length = line.split()
+            # $msec is seconds with exactly three decimals: read it as integer ms, no float error.
+            seconds, _, millis = msec.partition(b".")
+            messages = 1 if count == b"-" else int(count)
+            self.requests.append((int(seconds) * 1000 + int(millis),
+                                  None if record_ms == b"-" else int(record_ms), messages))
+            self.delivered += messages
+
+
+# mqttload publishes to <topic>/<connection>: one route takes them all.
+WEBHOOK_TOPIC = "bench/webhook"
+# How long delivery may go on past the publisher's last ack before the run is called failed:
+# this many seconds plus the publishing time thrice over.
+DELIVERY_GRACE_S = 60
+
+
+def webhook_delivery(nginx_port, batch):
+    """pushcore's sinks and routes for the bench: one webhook sink to nginx."""
+    return (f"sinks:\n  bench:\n    type: webhook\n    url: http://127.0.0.1:{nginx_port}/hook\n"
+            f"    connections: 8\n    concurrency: 8\n    batch: {batch}\n"
+            f"routes:\n  - {{filter: '{WEBHOOK_TOPIC}/#', sink: bench}}\n")
+
+
+def percentile(ordered, q):
+    # The same rank as mqttload's: the value at (n - 1) * q, rounded down.
+    return ordered[int((len(ordered) - 1) * q)]
+
+
+def webhook(exe, nginx_exe, workdir, durability, batch, load):
+    """One webhook run: nginx and a fresh pushcore, mqttload publishing, QoS 1, 64 B.
+
+    `load` is mqttload's -n or -d/-r arguments.  Waits until nginx has logged as
+    many delivered messages as the publishers had acked, then returns ingest
+    (acked msg/s, mqttload), rate (delivered msg/s, from nginx's first request to
+    its last), drain_ms (from the publisher's exit to the last request), and p50_ms
+    and p99_ms of the requests that carry X-Pushcore-Time (single messages): the
+    time nginx answered minus the record's time in pushcore.  {"error": reason}
+    when anything fails or delivery is incomplete.  nginx and pushcore are stopped
+    whatever happens.
+    """
+    nginx = Nginx(nginx_exe, workdir)
+    pushcore = None
+    try:
+        nginx.start()
+        try:
+            pushcore = start_pushcore(workdir, durability, webhook_delivery(nginx.port, batch))
+        except RuntimeError as e:
+            return {"error": f"pushcore did not start: {e}"}
+        pub = mqttload(exe, pushcore.port, ["-t", WEBHOOK_TOPIC, "-c", "16", "-q", "1", "-s", "64",
+                                            "-w", "32", *load])
+        published_ms = time.time() * 1000
+        if "error" in pub:
+            return {"error": f"publisher: {pub['error']}"}
+        access = AccessLog(nginx.access_log)
+        wait = DELIVERY_GRACE_S + 3 * pub["secs"]
+        deadline = time.monotonic() + wait
+        while True:
+            access.read()
+            if access.delivered >= pub["acked"]:
+                break
+            for name, proc in (("pushcore", pushcore.proc), ("nginx", nginx.proc)):
+                if proc.poll() is not None:
+                    return {"error": f"{name} exited with {proc.returncode}: delivered "
+                                     f"{access.delivered:,} of {pub['acked']:,}"}
+            if time.monotonic() > deadline:
+                return {"error": f"delivered {access.delivered:,} of {pub['acked']:,} "
+                                 f"{wait:.0f} s after the publisher's last ack"}
+            time.sleep(0.1)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if pushcore is not None:
+            pushcore.stop()
+        nginx.stop()
+    if not access.requests:
+        return {"error": "the publisher had nothing acked"}
+    first_ms, last_ms = access.requests[0][0], access.requests[-1][0]
+    if last_ms <= first_ms:
+        return {"error": f"{access.delivered:,} messages delivered within one millisecond"}
+    latencies = sorted(end - record for end, record, _n in access.requests if record is not None)
+    result = {"ingest": pub["rate"], "acked": pub["acked"], "delivered": access.delivered,
+              "requests": len(access.requests),
+              "rate": access.delivered * 1000 / (last_ms - first_ms),
+              # Delivery that ended before mqttload had exited (its disconnect, its report)
+              # kept up: no backlog left, not a negative one.
+              "drain_ms": max(0.0, last_ms - published_ms)}
+    if latencies:
+        result["p50_ms"] = percentile(latencies, 0.5)
+        result["p99_ms"] = percentile(latencies, 0.99)
+    return result
+
+
+def webhook_table(quick):
+    """[(--only name, title, run(exe, nginx_exe, workdir, durability) -> result,
+    [(row title, result field, goal or None)])], in table order.
+
+    A goal is (text for the title, test of the scenario's medians by field).
+    """
+    secs = "5" if quick else "10"
+    n = 100_000 if quick else 200_000
+
+    def run(batch, *load):
+        return lambda exe, nginx_exe, workdir, durability: webhook(
+            exe, nginx_exe, workdir, durability, batch, list(load))
+
+    def keeps_up_at(offered):
+        # Met within 5%: mqttload paces its publishes and takes its rate up to the last ack,
+        # so a run that keeps up lands a little under the offered rate, and delivery under it.
+        return (f"≥ {offered:,}: keeps up with ingest at {offered:,}",
+                lambda m: m["rate"] >= 0.95 * m["ingest"] and m["ingest"] >= 0.95 * offered)
+
+    one = "Webhook to nginx, 1 msg/request, QoS 1 at a fixed 20,000 msg/s"
+    one_max = f"Webhook to nginx, 1 msg/request, QoS 1, {n:,} msgs as fast as acked"
+    many = "Webhook to nginx, batch 100 (NDJSON), QoS 1 at a fixed 50,000 msg/s"
+    many_max = f"Webhook to nginx, batch 100 (NDJSON), QoS 1, {n:,} msgs as fast as acked"
+    return [
+        ("webhook", one, run(1, "-d", secs, "-r", "20000"),
+         [(f"{one}: ingest acked msg/s", "ingest", None),
+          (f"{one}: delivered msg/s", "rate", keeps_up_at(20_000)),
+          (f"{one}: publish→delivery p50 (ms)", "p50_ms", None),
+          (f"{one}: publish→delivery p99 (ms)", "p99_ms", ("≤ 20", lambda m: m["p99_ms"] <= 20))]),
+        ("webhook", one_max, run(1, "-n", str(n)),
+         [(f"{one_max}: ingest acked msg/s", "ingest", None),
+          (f"{one_max}: delivered msg/s", "rate", ("≥ 20,000", lambda m: m["rate"] >= 20_000)),
+          (f"{one_max}: last delivery after the last ack (ms)", "drain_ms", None)]),
+        ("webhook-batch", many, run(100, "-d", secs, "-r", "50000"),
+         [(f"{many}: ingest acked msg/s", "ingest", None),
+          (f"{many}: delivered msg/s", "rate", keeps_up_at(50_000)),
+          (f"{many}: last delivery after the last ack (ms)", "drain_ms", None)]),
+        ("webhook-batch", many_max, run(100, "-n", str(n)),
+         [(f"{many_max}: ingest acked msg/s", "ingest", None),
+          (f"{many_max}: delivered msg/s", "rate", None),
+          (f"{many_max}: last delivery after the last ack (ms)", "drain_ms", None)]),
+    ]
+
+
 def scenario_table(quick):
     """[(name, run(exe, port) -> result, [(row title, result field)])], in table order."""
     n = 100_000 if quick else 400_000
@@ -348,6 +607,7 @@ def scenario_table(quick):
 
 
 IDLE = "idle"
+NO_WEBHOOKS = "n/a: Mosquitto has no webhooks"
 
 
 def run_on(broker_name, start, run, exe):
@@ -391,13 +651,16 @@ def main():
     ap.add_argument("--durability", default="fsync", choices=["fsync", "os"])
     ap.add_argument("--only", metavar="NAMES",
                     help="comma-separated scenarios to run (qos1, qos2, latency-50k, latency-5k, "
-                         "fan-in, fan-out, fan-in-20k, fan-out-2k, idle); the table is printed, RESULTS.md left as it is")
+                         "fan-in, fan-out, fan-in-20k, fan-out-2k, idle, webhook, webhook-batch); "
+                         "the table is printed, RESULTS.md left as it is")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
         args.idle = min(args.idle, 2000)
     scenarios = scenario_table(args.quick)
+    webhooks = webhook_table(args.quick)
     known = [name for name, _run, _measures in scenarios] + [IDLE]
+    known += sorted({name for name, *_ in webhooks})
     only = set(args.only.split(",")) if args.only else set(known)
     if only - set(known):
         ap.error(f"unknown scenario(s) {', '.join(sorted(only - set(known)))}; known: {', '.join(known)}")
@@ -405,7 +668,9 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     exe = build_mqttload()
-    mosq_exe = ensure_mosquitto()
+    compared = only & ({name for name, _run, _measures in scenarios} | {IDLE})
+    mosq_exe = ensure_debian("mosquitto") if compared else None
+    nginx_exe = ensure_debian("nginx") if only & {name for name, *_ in webhooks} else None
     workdir = tempfile.mkdtemp(prefix="pushcore-bench-")
     starters = {"mosquitto": lambda: start_mosquitto(mosq_exe, workdir),
                 "pushcore": lambda: start_pushcore(workdir, args.durability)}
@@ -443,6 +708,24 @@ def main():
                     broker.stop()
             rows.append((f"{args.idle} idle connections: RSS per connection (bytes)",
                          (idle["mosquitto"][0], ""), (idle["pushcore"][0], "")))
+
+        for name, title, run, measures in webhooks:
+            if name not in only:
+                continue
+            runs = []
+            for _round in range(args.rounds):
+                r = run(exe, nginx_exe, workdir, args.durability)
+                runs.append(r)
+                print(f"  {name} [{title}]: {json.dumps(r)}", file=sys.stderr)
+            medians = {field: summarize(runs, field)[0] for _title, field, _goal in measures}
+            for row_title, field, goal in measures:
+                value, note = summarize(runs, field)
+                if goal is not None:
+                    row_title += f" — goal {goal[0]}"
+                    if value is not None and None not in medians.values():
+                        note = "; ".join(filter(None, ["goal met" if goal[1](medians) else "goal missed",
+                                                       note]))
+                rows.append((row_title, (None, NO_WEBHOOKS), (value, note)))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -460,6 +743,17 @@ def main():
         "over the time from its subscriptions being acknowledged to its last message; latency "
         "is publish→delivery, from the publisher's timestamp in the payload.  A run counts "
         "only if the subscribers received exactly as many messages as were sent to them.",
+        "",
+        "Webhook rows (pushcore only; Mosquitto has no webhooks): pushcore delivers every message "
+        "published under `bench/webhook/#` to one webhook sink (8 connections, concurrency 8) "
+        "pointing at Debian's nginx on loopback, which answers 204 and logs each request at once. "
+        "Ingest is the publishers' acked msg/s (mqttload, 16 connections, window 32, 64 B); "
+        "delivered msg/s is the messages nginx logged (X-Pushcore-Count per batch) over the time "
+        "from its first request to its last, counted once as many had arrived as were acked; "
+        "publish→delivery is the time nginx answered minus the record's time in pushcore "
+        "(X-Pushcore-Time, ms resolution), for single-message requests only (a batch carries no "
+        "time).  A fixed-rate run keeps up when its ingest is within 5% of the offered rate and "
+        "its delivered rate within 5% of its ingest.",
         "",
         "| measure | Mosquitto | pushcore | ratio (pushcore / Mosquitto) |",
         "|---|---:|---:|---:|",
