@@ -870,6 +870,11 @@ def main(argv=None):
         print(f"pushcore: refused by the server: {err} (reason 0x{err.reason_code:02x})",
               file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`pushcore log dump | head`): nothing to say.  Point
+        # stdout at /dev/null so the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConnectionError, OSError) as err:
         print(f"pushcore: {err}", file=sys.stderr)
         return 1
