@@ -398,17 +398,20 @@ class Broker:
         inflight = session.inflight
         later = []
         session.holding = None
+        kept = 0
         for packet_id, d in list(inflight.items()):
+            if kept >= window:
+                del inflight[packet_id]
+                later.append(d)
+                continue
+            kept += 1
             if d.state == HELD:
                 # Never sent: a first send with the id it was given, no DUP.
                 d.state = SENT
                 if not self._send(conn, d, packet_id, False):
                     del inflight[packet_id]
                     self._forget(session, d)
-                continue
-            if len(inflight) - len(later) > window:
-                del inflight[packet_id]
-                later.append(d)
+                    kept -= 1
                 continue
             if d.state == RELEASED:
                 # MQTT 5.0 §4.4: a PUBREC was received; only the PUBREL is re-sent.
@@ -418,6 +421,7 @@ class Broker:
                 # as if delivered (§3.1.2.11.4), so it cannot hold the window for ever.
                 del inflight[packet_id]
                 self._forget(session, d)
+                kept -= 1
         if later:
             session.writable_queue().extendleft(reversed(later))
         self.pump(session)
@@ -1010,7 +1014,7 @@ class Broker:
                     # PUBLISH waits for the commit, and so does everything after it
                     # (order is kept; one commit of latency per pump, not per copy).
                     session.holding = []
-                    self.after_commit(self._release_holding, session)
+                    self.after_commit(self._release_holding, session, session.holding)
             if session.holding is not None:
                 d.state = HELD
                 session.holding.append(d)
@@ -1019,9 +1023,12 @@ class Broker:
                 self._forget(session, d)
         return bool(queue) and len(out) >= high
 
-    def _release_holding(self, session):
+    def _release_holding(self, session, holding):
         """The packet ids of the held copies are committed: send them, in order."""
-        holding, session.holding = session.holding, None
+        if session.holding is not holding:
+            # resume() sent them already (the client reconnected meanwhile).
+            return
+        session.holding = None
         conn = session.conn
         if conn is not None and (conn.state == STATE_CLOSED or conn.close_after_flush):
             conn = None

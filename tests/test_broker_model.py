@@ -21,7 +21,12 @@ says which client is owed which message; the checks are:
   reaches that client unless its session ended (the end of each example
   reconnects everyone and drains);
 - per client, one publisher's messages on one topic first arrive in publish
-  order; a message with a duplicate id reaches no one.
+  order; a message with a duplicate id reaches no one;
+- a re-delivery carries DUP (unless a crash lost the record of the first
+  send); a QoS 2 message keeps its packet id and never comes again after its
+  PUBREL (MQTT 5.0 §4.3.3, §4.4); Session Present is what the model expects.
+
+The tests after the machine replay counterexamples it found.
 """
 
 import copy
@@ -148,7 +153,9 @@ class FakeConn:
 class ModelSession:
     """The reference model's view of one session."""
 
-    def __init__(self, version, expiry):
+    def __init__(self, version, expiry, epoch):
+        # Which session of this client id it is (a new one after each end).
+        self.epoch = epoch
         self.version = version
         self.expiry = expiry
         self.subs = {}
@@ -189,9 +196,19 @@ class BrokerMachine(RuleBasedStateMachine):
         # (received, or lost with the connection's unread output).
         self.sent = {c: {} for c in CLIENTS}
         self.crashes = 0
+        # client -> payload -> packet id of its QoS 2 PUBLISH, and the reverse (what the
+        # client keeps of a QoS 2 flow across connections); payloads whose PUBREL came.
+        self.qos2_ids = {c: {} for c in CLIENTS}
+        self.qos2_by_id = {c: {} for c in CLIENTS}
+        self.released = {c: set() for c in CLIENTS}
         # client -> (publisher, topic) -> seq of the last first arrival.
         self.last_first = {c: {} for c in CLIENTS}
         self.ever_shared = set()
+        self.epochs = 0
+        # payload -> clients whose non-shared subscriptions it matched when committed.
+        self.targets = {}
+        # payload of a committed QoS 1/2 shared copy -> (client, session epoch) holding it.
+        self.shared_held = {}
 
     # -- plumbing --------------------------------------------------------------
 
@@ -223,7 +240,16 @@ class BrokerMachine(RuleBasedStateMachine):
         ops = broker.take_ops()
         results = self.log.append_batch(batch.items, self.now_ms, ops if ops else None)
         assert len(results) == len(pending)
-        for (publisher, seq, topic, qos, msg_id, payload), result in zip(pending, results):
+        members = [c for c, m in self.model.items() if SHARED in m.subs]
+        for index, ((publisher, seq, topic, qos, msg_id, payload), result) in \
+                enumerate(zip(pending, results)):
+            shared = [(session, d) for session, d in routes.get(index, ()) if d.share is not None]
+            if ref_matches(SHARED.split("/", 2)[2], topic):
+                # MQTT 5.0 §4.8.2: one member gets it; a connected one if there is one.
+                connected = any(self.model[c].connected for c in members)
+                assert len(shared) == 1 if connected else len(shared) <= 1, payload
+            else:
+                assert not shared
             duplicate = msg_id is not None and msg_id in self.seen_ids
             assert result[2] == duplicate, (payload, msg_id, result)
             if duplicate:
@@ -232,13 +258,18 @@ class BrokerMachine(RuleBasedStateMachine):
             if msg_id is not None:
                 self.seen_ids.add(msg_id)
             self.stored[payload] = (publisher, seq, topic, qos)
-            if qos == 0:
-                continue
-            for m in self.model.values():
-                copy_qos = max((min(sub_qos, qos) for topic_filter, sub_qos in m.subs.items()
-                                if not topic_filter.startswith("$share/")
-                                and ref_matches(topic_filter, topic)), default=0)
-                if copy_qos:
+            self.targets[payload] = set()
+            for session, d in shared:
+                assert session.client_id in members and d.qos <= qos
+                if d.qos:
+                    self.shared_held[payload] = (session.client_id,
+                                                 self.model[session.client_id].epoch)
+            for client, m in self.model.items():
+                matched = [sub_qos for topic_filter, sub_qos in m.subs.items()
+                           if topic_filter != SHARED and ref_matches(topic_filter, topic)]
+                if matched:
+                    self.targets[payload].add(client)
+                if qos and max(matched, default=0):
                     m.owed.add(payload)
         broker.committed(routes, results, self.now_ms)
         for fn, args in callbacks:
@@ -258,17 +289,20 @@ class BrokerMachine(RuleBasedStateMachine):
         if wanted and (conn.state != STATE_CLOSED or conn.session.persistent):
             self.broker.send_retained(conn.session, wanted, self.now_ms, mark)
 
-    def _drop(self, client):
-        """The connection ends (socket closed): Connection.close -> broker.disconnected."""
-        conn = self.conns.pop(client)
-        # What the server wrote and the client never read was still sent (MQTT's DUP
-        # flag is about attempts).
+    def _close(self, client, conn):
+        """The socket closes; what the client had not read is lost."""
         packets, _, _ = conn.parser.parse(conn.out, 0, len(conn.out))
         for p in packets:
             if p.type == _frame.PUBLISH:
+                # Still an attempt to send it (the DUP flag is about attempts).
                 self.sent[client][p.payload] = self.crashes
         conn.out.clear()
         conn.state = STATE_CLOSED
+
+    def _drop(self, client):
+        """The connection ends: Connection.close -> server.connection_closed."""
+        conn = self.conns.pop(client)
+        self._close(client, conn)
         self.broker.disconnected(conn, self.now_ms)
         m = self.model[client]
         if m.expiry == 0:
@@ -300,7 +334,8 @@ class BrokerMachine(RuleBasedStateMachine):
             m.disconnected_ms = 0
             m.stored_connected = False
         else:
-            self.model[client] = ModelSession(version, granted)
+            self.epochs += 1
+            self.model[client] = ModelSession(version, granted, self.epochs)
         self.conns[client] = conn
         conn.out += encode(Connack(present, 0, None), version)
         self.broker.resume(conn.session)
@@ -318,6 +353,11 @@ class BrokerMachine(RuleBasedStateMachine):
             elif p.type == _frame.PUBLISH:
                 self._arrived(client, conn, p)
             elif p.type == _frame.PUBREL:
+                payload = self.qos2_by_id[client].get(p.packet_id)
+                if payload is not None:
+                    # MQTT 5.0 §4.3.3: the PUBREL ends the server's part; the message
+                    # must never come again as a PUBLISH (it is delivered, exactly once).
+                    self.released[client].add(payload)
                 conn.acks_owed.append((_frame.PUBCOMP, p.packet_id))
         owed = conn.acks_owed
         n = len(owed) if limit is None else min(limit, len(owed))
@@ -354,6 +394,11 @@ class BrokerMachine(RuleBasedStateMachine):
         assert payload in self.stored, f"{client} got {payload!r}, which was never stored"
         publisher, seq, published_topic, qos = self.stored[payload]
         assert topic == published_topic
+        # Only to a client whose subscription matched it when it was committed, or to a
+        # member of the shared group (a copy handed over goes to whoever is a member then).
+        assert client in self.targets[payload] or (
+            client in self.ever_shared and ref_matches(SHARED.split("/", 2)[2], topic)), \
+            f"{client} got {payload!r} on {topic}, which none of its subscriptions matched"
         assert p.qos <= qos and not p.retain
         before = self.sent[client].get(payload)
         # MQTT 3.1.1 §3.3.1.1 [MQTT-3.3.1-1, -2]: DUP is set on every re-delivery, and
@@ -365,6 +410,16 @@ class BrokerMachine(RuleBasedStateMachine):
             assert before is None or before < self.crashes, \
                 f"{client}: {payload!r} sent again without DUP"
         self.sent[client][payload] = self.crashes
+        if p.qos == 2 and not (topic == "a/c" and client in self.ever_shared):
+            # MQTT 5.0 §4.3.3, §4.4: a QoS 2 message goes out under one packet id, through
+            # reconnects and restarts, and never again once PUBREL was sent.
+            assert payload not in self.released[client], \
+                f"{client}: {payload!r} sent again after its PUBREL"
+            first_id = self.qos2_ids[client].setdefault(payload, p.packet_id)
+            assert p.packet_id == first_id, \
+                f"{client}: {payload!r} sent with packet id {p.packet_id}, earlier {first_id}"
+        if p.qos == 2:
+            self.qos2_by_id[client][p.packet_id] = payload
         if p.qos:
             assert p.packet_id not in conn.holding, \
                 f"{client} got packet id {p.packet_id} while it still held it"
@@ -411,6 +466,15 @@ class BrokerMachine(RuleBasedStateMachine):
         return rows, entries
 
     def _restart(self, crash):
+        if not crash:
+            # SIGTERM: the drain commits until nothing is pending, then closes.
+            for _ in range(DRAIN_ROUNDS):
+                self._commit()
+                if not (self.broker.ops or self.callbacks):
+                    break
+        for client, conn in self.conns.items():
+            self._close(client, conn)
+        self.conns = {}
         if crash:
             # SIGKILL: the pending batch (never acked) and uncommitted writes are lost.
             self.crashes += 1
@@ -418,15 +482,6 @@ class BrokerMachine(RuleBasedStateMachine):
             self.pending = []
             self.callbacks = []
             self.model = copy.deepcopy(self.snapshot)
-        else:
-            # SIGTERM: the drain commits until nothing is pending, then closes.
-            for _ in range(DRAIN_ROUNDS):
-                self._commit()
-                if not (self.broker.ops or self.callbacks):
-                    break
-        for conn in self.conns.values():
-            conn.state = STATE_CLOSED
-        self.conns = {}
         self.log.close()
         self.log = self._open_log()
         self.broker = self._new_broker()
@@ -594,6 +649,27 @@ class BrokerMachine(RuleBasedStateMachine):
         assert all(n == 1 for n in holders.values())
 
     @invariant()
+    def shared_copies_kept(self):
+        """A shared QoS 1/2 copy leaves its holder only delivered or handed on, or with
+        the holder's session (MQTT 5.0 §4.8.2: nobody else connected to take it)."""
+        held = {}
+        for client, session in self.broker.sessions.items():
+            for d in list(session.queue) + list(session.inflight.values()):
+                if d.share is not None and d.qos:
+                    held[d.message.payload] = client
+        for payload, (client, epoch) in list(self.shared_held.items()):
+            if payload in held:
+                holder = held[payload]
+                self.shared_held[payload] = (holder, self.model[holder].epoch)
+            elif any(payload in self.received[c] for c in self.ever_shared):
+                del self.shared_held[payload]
+            else:
+                m = self.model.get(client)
+                assert m is None or m.epoch != epoch, \
+                    f"shared copy {payload!r} vanished from {client}'s live session"
+                del self.shared_held[payload]
+
+    @invariant()
     def in_flight(self):
         for client, session in self.broker.sessions.items():
             for packet_id, d in session.inflight.items():
@@ -645,26 +721,77 @@ class BrokerMachine(RuleBasedStateMachine):
                 return
         raise AssertionError(f"{client} did not drain in {DRAIN_ROUNDS} rounds")
 
+    def end_checks(self):
+        """Everyone drains, then every session left comes back and drains: nothing owed."""
+        self._commit()
+        for client in sorted(self.conns):
+            self._drain(client)
+        for client, m in sorted(self.model.items()):
+            if m.connected:
+                assert not m.owed, f"{client} (connected) never got {sorted(m.owed)}"
+        for client in sorted(self.model):
+            m = self.model[client]
+            if not m.connected:
+                self._connect(client, False, SESSION_EXPIRY, m.version, 65535, 0)
+                self._drain(client)
+                assert not m.owed, f"{client} never got {sorted(m.owed)}"
+        assert not self.wills
+
+    def close(self):
+        self.log.close()
+        shutil.rmtree(self.dir)
+
     def teardown(self):
         try:
-            self._commit()
-            for client in sorted(self.conns):
-                self._drain(client)
-            for client, m in sorted(self.model.items()):
-                if m.connected:
-                    assert not m.owed, f"{client} (connected) never got {sorted(m.owed)}"
-            for client in sorted(self.model):
-                m = self.model[client]
-                if not m.connected:
-                    self._connect(client, False, SESSION_EXPIRY, m.version, 65535, 0)
-                    self._drain(client)
-                    assert not m.owed, f"{client} never got {sorted(m.owed)}"
-            assert not self.wills
+            self.end_checks()
         finally:
-            self.log.close()
-            shutil.rmtree(self.dir)
+            self.close()
 
 
 BrokerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30,
                                            deadline=None)
 test_broker_model = BrokerMachine.TestCase
+
+
+# Counterexamples the machine found, replayed step by step: each invariant after
+# every step, then the end checks.
+
+INVARIANTS = (BrokerMachine.sessions_match_model, BrokerMachine.accounting,
+              BrokerMachine.shared_copies, BrokerMachine.shared_copies_kept,
+              BrokerMachine.in_flight, BrokerMachine.store_matches_broker)
+
+
+def replay(*steps):
+    machine = BrokerMachine()
+    try:
+        for name, kwargs in steps:
+            getattr(machine, name)(**kwargs)
+            for check in INVARIANTS:
+                check(machine)
+        machine.end_checks()
+    finally:
+        machine.close()
+
+
+def test_resume_keeps_the_window_and_the_order():
+    """A session with 3 unacked copies (3.1.1 window 3) comes back as MQTT 5 with
+    Receive Maximum 1: one may be in flight (§3.3.4 [MQTT-3.3.4-9]), re-sent
+    first; the other two follow in their order, still with DUP."""
+    replay(
+        ("subscribers", dict(starts=[(0, 4, "a/b", 0), (SESSION_EXPIRY, 4, "a/b", 1)])),
+        ("publish", dict(commit=True, messages=[("p0", "a/b", 1, None)] * 3)),
+        ("connect", dict(client="c1", clean_start=False, expiry=0, version=5,
+                         receive_maximum=1, alias_maximum=0)),
+    )
+
+
+def test_takeover_while_a_qos2_copy_waits_for_its_commit():
+    """A QoS 2 copy to a stored session waits for its packet id's commit; the client
+    reconnects before that commit, and the commit then releases what resume() sent."""
+    replay(
+        ("subscribers", dict(starts=[(SESSION_EXPIRY, 4, "a/b", 2), (0, 4, "a/b", 0)])),
+        ("publish", dict(commit=True, messages=[("p0", "a/b", 2, None)])),
+        ("connect", dict(client="c0", clean_start=False, expiry=0, version=4,
+                         receive_maximum=1, alias_maximum=0)),
+        ("commit", {}),
+    )
