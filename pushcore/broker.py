@@ -993,6 +993,13 @@ class Broker:
                 # Sent on an earlier connection, moved back by resume(): same id, DUP.
                 packet_id = d.packet_id
                 inflight[packet_id] = d
+                if d.state == HELD:
+                    # Its packet id may not be committed yet: it waits like a new one.
+                    if session.holding is None:
+                        session.holding = []
+                        self.after_commit(self._release_holding, session, session.holding)
+                    session.holding.append(d)
+                    continue
                 if d.state == RELEASED:
                     out += bytes((PUBREL_HEADER, 2, packet_id >> 8, packet_id & 0xFF))
                 elif not self._send(conn, d, packet_id, True):

@@ -356,6 +356,11 @@ class BrokerMachine(RuleBasedStateMachine):
             elif p.type == _frame.PUBLISH:
                 self._arrived(client, conn, p)
             elif p.type == _frame.PUBREL:
+                if p.packet_id in conn.holding:
+                    # MQTT 5.0 §3.6.2.1: 0x92 is "Packet Identifier not found"; the server
+                    # sent this PUBLISH and got its PUBREC, so it knows the id.
+                    assert p.reason_code == 0, \
+                        f"{client}: PUBREL {p.packet_id} with reason 0x{p.reason_code:02x}"
                 payload = self.qos2_by_id[client].get(p.packet_id)
                 if payload is not None:
                     # MQTT 5.0 §4.3.3: the PUBREL ends the server's part; the message
@@ -800,4 +805,24 @@ def test_takeover_while_a_qos2_copy_waits_for_its_commit():
         ("connect", dict(client="c0", clean_start=False, expiry=0, version=4,
                          receive_maximum=1, alias_maximum=0)),
         ("commit", {}),
+    )
+
+
+def test_held_copy_moved_back_by_resume():
+    """Two QoS 2 copies wait for their packet ids' commit (HELD) when the client comes
+    back with Receive Maximum 1: the second goes back to the queue and, re-sent from
+    there, is still HELD, so its PUBREC is refused (PUBREL 0x92) and never recorded;
+    after a crash the server sends it again although its PUBREL went out
+    (MQTT 5.0 §4.3.3: exactly once)."""
+    replay(
+        ("subscribers", dict(starts=[(SESSION_EXPIRY, 4, "a/b", 2), (0, 4, "a/b", 0)])),
+        ("publish", dict(commit=True, messages=[("p0", "a/b", 2, None)] * 2)),
+        ("connect", dict(client="c0", clean_start=False, expiry=SESSION_EXPIRY, version=5,
+                         receive_maximum=1, alias_maximum=0)),
+        ("_client_reads", dict(client="c0", limit=1)),
+        ("commit", {}),
+        ("_client_reads", dict(client="c0", limit=1)),
+        ("_client_reads", dict(client="c0", limit=1)),
+        ("_client_reads", dict(client="c0", limit=1)),
+        ("restart", dict(crash=True, reconnect=True, receive_maximum=1)),
     )
