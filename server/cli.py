@@ -634,7 +634,7 @@ def _sub_usage_problem(args, version):
 
 
 def cmd_sub(args):
-    from pushcore.subscriber import SESSION_NEVER_EXPIRES, Subscriber
+    from server.subscriber import SESSION_NEVER_EXPIRES, Subscriber
 
     setup_logging("debug" if args.debug else "warning")
     version = 5 if args.protocol_version == "5" else 4
@@ -708,7 +708,7 @@ def _positive_seconds(text):
 
 def _session_expiry(text):
     """-x SECONDS: 0..4294967295, or -1 for never, as mosquitto_sub spells it."""
-    from pushcore.subscriber import SESSION_NEVER_EXPIRES
+    from server.subscriber import SESSION_NEVER_EXPIRES
 
     try:
         value = int(text)

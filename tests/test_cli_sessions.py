@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pushcore.subscriber import Subscriber
+from server.subscriber import Subscriber
 from tests.support import Daemon
 
 

@@ -1,4 +1,4 @@
-"""`pushcore sub` and the subscriber client (pushcore.subscriber) against the
+"""`pushcore sub` and the subscriber client (server.subscriber) against the
 real daemon, with messages published by `pushcore pub`, the publisher client
 and paho-mqtt.
 
@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from pushcore import errors
 from pushcore.client import Client
 from pushcore.config import OPTIONS
-from pushcore.subscriber import SESSION_NEVER_EXPIRES, Message, Subscriber
+from server.subscriber import SESSION_NEVER_EXPIRES, Message, Subscriber
 from support import ROOT, Daemon, free_port, pushcore_cmd
 
 VERSIONS = [4, 5]
@@ -359,7 +359,7 @@ def test_sub_connack_refusal_exits_1(tmp_path):
     assert "CONNACK refused: return code 0x02 (identifier rejected)" in r.stderr
 
 
-# -- pushcore.subscriber -----------------------------------------------------------
+# -- server.subscriber ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", VERSIONS)

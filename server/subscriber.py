@@ -46,7 +46,7 @@ from pushcore.client import (
     PROTOCOL_ERROR,
 )
 
-log = logging.getLogger("pushcore.subscriber")
+log = logging.getLogger("pushcore.sub")
 
 # MQTT 5.0 §3.1.2.11.2: a Session Expiry Interval of 0xFFFFFFFF never expires.
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
