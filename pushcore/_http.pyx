@@ -1,4 +1,5 @@
-"""HTTP/1.1 response parser (RFC 9112) for the webhook sink's client.
+"""HTTP/1.1 for the webhook sink's client: the response parser (RFC 9112), and
+the requests built from stored records (``RequestWriter``, at the end).
 
 Sans-IO, like httptools: ``feed(buf, start, end)`` parses every complete
 event in a caller-owned buffer window and returns them with the number of
@@ -17,9 +18,16 @@ bad bytes) and the next call raises, so garbage behind a complete response
 never hides the response.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.unicode cimport PyUnicode_DecodeLatin1
-from libc.string cimport memchr, memcmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeLatin1, PyUnicode_DecodeUTF8
+from libc.math cimport floor
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memchr, memcmp, memcpy, strlen
+
+from pushcore._ingest cimport RecordView, parse_record
+
+import hmac
 
 from pushcore.errors import HTTPParseError
 
@@ -673,3 +681,397 @@ cdef class ResponseParser:
     cdef void _end_message(self, list events):
         events.append(_END_OF_MESSAGE)
         self._state = ST_HEAD
+
+
+# ---------------------------------------------------------------------------
+# Requests
+#
+# pushcore/webhook.py describes a webhook request and builds it from a Delivery
+# (build_request, build_batch_request): that is the readable reference.  A sink
+# builds the same bytes here, straight from the stored records, in one call per
+# request; tests/test_webhook.py checks the two against each other.
+
+cdef bytes _DEFAULT_CONTENT_TYPE = b"application/octet-stream"
+# NDJSON (ndjson-spec 1.0), as webhook.BATCH_CONTENT_TYPE.
+cdef bytes _BATCH_CONTENT_TYPE = b"application/x-ndjson"
+cdef const char* _HEX_UPPER = b"0123456789ABCDEF"
+cdef const char* _HEX_LOWER = b"0123456789abcdef"
+# RFC 4648 §4: the base64 alphabet.
+cdef const char* _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+# webhook._TOPIC_UNSAFE and _ID_UNSAFE: bytes a header value carries percent-encoded.
+cdef unsigned char _topic_unsafe[256]
+cdef unsigned char _id_unsafe[256]
+
+
+cdef void _init_request_tables():
+    cdef int c
+    for c in range(256):
+        # RFC 9110 §5.5: controls, space and non-ASCII; "%" so that decoding is exact.
+        _topic_unsafe[c] = c <= 0x20 or c == 0x25 or c >= 0x7F
+        # Standard Webhooks: a message id without ".".
+        _id_unsafe[c] = _topic_unsafe[c] or c == 0x2E
+
+
+_init_request_tables()
+
+cdef object _hmac_digest = hmac.digest
+
+
+cdef struct Buf:
+    char* data
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef int _reserve(Buf* b, Py_ssize_t need) except -1:
+    cdef Py_ssize_t cap
+    cdef char* data
+    if b.len + need <= b.cap:
+        return 0
+    cap = max(b.cap * 2, b.len + need, 4096)
+    data = <char*>PyMem_Realloc(b.data, cap)
+    if data == NULL:
+        raise MemoryError()
+    b.data = data
+    b.cap = cap
+    return 0
+
+
+cdef inline int _put(Buf* b, const void* s, Py_ssize_t n) except -1:
+    _reserve(b, n)
+    memcpy(b.data + b.len, s, n)
+    b.len += n
+    return 0
+
+
+cdef inline int _put_bytes(Buf* b, bytes s) except -1:
+    return _put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
+
+
+cdef inline int _put_str(Buf* b, const char* s) except -1:
+    return _put(b, s, strlen(s))
+
+
+cdef int _put_uint(Buf* b, uint64_t v) except -1:
+    cdef char digits[20]
+    cdef int i = 20
+    while True:
+        i -= 1
+        digits[i] = <char>(0x30 + v % 10)
+        v //= 10
+        if v == 0:
+            break
+    return _put(b, digits + i, 20 - i)
+
+
+cdef int _put_percent(Buf* b, const unsigned char* s, Py_ssize_t n,
+                      const unsigned char* unsafe) except -1:
+    # RFC 3986 §2.1: upper-case hex, as webhook._escape.
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    cdef char* w
+    _reserve(b, 3 * n)
+    w = b.data + b.len
+    for i in range(n):
+        c = s[i]
+        if unsafe[c]:
+            w[0] = 0x25
+            w[1] = _HEX_UPPER[c >> 4]
+            w[2] = _HEX_UPPER[c & 15]
+            w += 3
+        else:
+            w[0] = <char>c
+            w += 1
+    b.len = w - b.data
+    return 0
+
+
+cdef bint _reads_as_offsets(const unsigned char* s, Py_ssize_t n) noexcept:
+    # webhook._READS_AS_OFFSETS: [0-9]+(-[0-9]+)+
+    cdef Py_ssize_t i
+    cdef bint dash = False
+    if n == 0 or not (0x30 <= s[0] <= 0x39) or not (0x30 <= s[n - 1] <= 0x39):
+        return False
+    for i in range(1, n - 1):
+        if s[i] == 0x2D:
+            if s[i - 1] == 0x2D:
+                return False
+            dash = True
+        elif not (0x30 <= s[i] <= 0x39):
+            return False
+    return dash
+
+
+cdef int _put_key(Buf* b, RecordView* v, int partition, uint64_t offset) except -1:
+    # webhook.idempotency_key.
+    if v.msg_id_len == 0:
+        _put_uint(b, partition)
+        _put(b, b"-", 1)
+        return _put_uint(b, offset)
+    if _reads_as_offsets(v.msg_id, v.msg_id_len):
+        _put(b, b"%3", 2)
+        _put(b, _HEX_UPPER + (v.msg_id[0] & 15), 1)
+        return _put_percent(b, v.msg_id + 1, v.msg_id_len - 1, _id_unsafe)
+    return _put_percent(b, v.msg_id, v.msg_id_len, _id_unsafe)
+
+
+cdef int _put_json(Buf* b, const unsigned char* s, Py_ssize_t n) except -1:
+    # A JSON string of UTF-8 text, as json.JSONEncoder(ensure_ascii=False): '"'
+    # and '\' escaped, the short escapes of RFC 8259 §7 where there is one,
+    # other controls as \u00xx; everything else as it is.
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    cdef char* w
+    _reserve(b, 6 * n + 2)
+    w = b.data + b.len
+    w[0] = 0x22
+    w += 1
+    for i in range(n):
+        c = s[i]
+        if c >= 0x20 and c != 0x22 and c != 0x5C:
+            w[0] = <char>c
+            w += 1
+            continue
+        w[0] = 0x5C
+        if c == 0x22 or c == 0x5C:
+            w[1] = <char>c
+        elif c == 0x0A:
+            w[1] = 0x6E
+        elif c == 0x0D:
+            w[1] = 0x72
+        elif c == 0x09:
+            w[1] = 0x74
+        elif c == 0x08:
+            w[1] = 0x62
+        elif c == 0x0C:
+            w[1] = 0x66
+        else:
+            memcpy(w + 1, b"u00", 3)
+            w[4] = _HEX_LOWER[c >> 4]
+            w[5] = _HEX_LOWER[c & 15]
+            w += 6
+            continue
+        w += 2
+    w[0] = 0x22
+    b.len = w + 1 - b.data
+    return 0
+
+
+cdef int _put_base64(Buf* b, const unsigned char* s, Py_ssize_t n) except -1:
+    # RFC 4648 §4, with padding.
+    cdef Py_ssize_t i = 0
+    cdef uint32_t v
+    cdef char* w
+    _reserve(b, (n + 2) // 3 * 4)
+    w = b.data + b.len
+    while i + 3 <= n:
+        v = (<uint32_t>s[i] << 16) | (<uint32_t>s[i + 1] << 8) | s[i + 2]
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = _B64[(v >> 6) & 63]
+        w[3] = _B64[v & 63]
+        w += 4
+        i += 3
+    if n - i == 1:
+        v = <uint32_t>s[i] << 16
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = 0x3D
+        w[3] = 0x3D
+        w += 4
+    elif n - i == 2:
+        v = (<uint32_t>s[i] << 16) | (<uint32_t>s[i + 1] << 8)
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = _B64[(v >> 6) & 63]
+        w[3] = 0x3D
+        w += 4
+    b.len = w - b.data
+    return 0
+
+
+cdef bint _is_utf8(const unsigned char* s, Py_ssize_t n):
+    # What bytes.decode() accepts (strict: no surrogates, no overlong forms);
+    # ASCII, the common case, without building a str.
+    cdef Py_ssize_t i
+    for i in range(n):
+        if s[i] >= 0x80:
+            break
+    else:
+        return True
+    try:
+        PyUnicode_DecodeUTF8(<const char*>s, n, NULL)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+cdef class RequestWriter:
+    """The webhook requests of one sink, built from stored records.
+
+    ``start`` is the request line and Host field, ``extra`` the configured
+    extra header lines, both encoded; ``signing_key`` the HMAC key, or None
+    for unsigned requests; ``content_types(properties)`` returns, for a
+    record's MQTT 5 property section, the Content-Type field value and the
+    raw Content Type property (str or None) a batch line carries.  Build it
+    with ``pushcore.webhook.request_writer``.
+    """
+
+    cdef bytes _start
+    cdef bytes _extra
+    cdef object _signing_key
+    cdef object _content_types
+    # Reused between requests: the head, and a batch body.
+    cdef Buf _head
+    cdef Buf _body
+
+    def __cinit__(self):
+        self._head.data = self._body.data = NULL
+        self._head.len = self._head.cap = self._body.len = self._body.cap = 0
+
+    def __init__(self, bytes start not None, bytes extra not None, signing_key,
+                 content_types):
+        self._start = start
+        self._extra = extra
+        self._signing_key = signing_key
+        self._content_types = content_types
+
+    def __dealloc__(self):
+        PyMem_Free(self._head.data)
+        PyMem_Free(self._body.data)
+
+    def single(self, bytes record not None, int partition, uint64_t offset, double now_s):
+        """One POST of the record's payload: ``webhook.build_request``'s bytes."""
+        cdef RecordView v
+        cdef Buf* h = &self._head
+        cdef Py_ssize_t key_at, key_len
+        parse_record(<const unsigned char*>PyBytes_AS_STRING(record), PyBytes_GET_SIZE(record),
+                     &v)
+        h.len = 0
+        _put_bytes(h, self._start)
+        _put_str(h, "Content-Type: ")
+        if v.properties_len:
+            _put_bytes(h, self._content_types(
+                PyBytes_FromStringAndSize(<const char*>v.properties, v.properties_len))[0]
+                .encode("ascii"))
+        else:
+            _put_bytes(h, _DEFAULT_CONTENT_TYPE)
+        _put_str(h, "\r\nContent-Length: ")
+        _put_uint(h, v.payload_len)
+        _put_str(h, "\r\nIdempotency-Key: ")
+        key_at = h.len
+        _put_key(h, &v, partition, offset)
+        key_len = h.len - key_at
+        _put_str(h, "\r\nX-Pushcore-Topic: ")
+        _put_percent(h, v.topic, v.topic_len, _topic_unsafe)
+        _put_str(h, "\r\nX-Pushcore-Partition: ")
+        _put_uint(h, partition)
+        _put_str(h, "\r\nX-Pushcore-Offset: ")
+        _put_uint(h, offset)
+        _put_str(h, "\r\nX-Pushcore-Time: ")
+        _put_uint(h, v.time_ms)
+        _put_str(h, "\r\n")
+        self._sign(key_at, key_len, v.payload, v.payload_len, now_s)
+        _put_bytes(h, self._extra)
+        _put_str(h, "\r\n")
+        _put(h, v.payload, v.payload_len)
+        return PyBytes_FromStringAndSize(h.data, h.len)
+
+    def batch(self, list records not None, int partition, uint64_t first_offset, double now_s):
+        """One POST of NDJSON, a line per record: ``webhook.build_batch_request``'s bytes.
+
+        The records are consecutive offsets of one partition from ``first_offset``.
+        """
+        cdef RecordView v
+        cdef Buf* h = &self._head
+        cdef Buf* body = &self._body
+        cdef Py_ssize_t i, n = len(records)
+        cdef Py_ssize_t key_at, key_len
+        cdef uint64_t offset
+        if n == 0:
+            raise ValueError("a batch needs at least one record")
+        body.len = 0
+        for i in range(n):
+            record = records[i]
+            if type(record) is not bytes:
+                raise TypeError("a record is bytes")
+            offset = first_offset + <uint64_t>i
+            parse_record(<const unsigned char*>PyBytes_AS_STRING(record),
+                         PyBytes_GET_SIZE(record), &v)
+            # The key goes into the head buffer first, to be written as JSON.
+            h.len = 0
+            _put_key(h, &v, partition, offset)
+            _put_str(body, "{\"id\":")
+            _put_json(body, <const unsigned char*>h.data, h.len)
+            _put_str(body, ",\"topic\":")
+            _put_json(body, v.topic, v.topic_len)
+            _put_str(body, ",\"partition\":")
+            _put_uint(body, partition)
+            _put_str(body, ",\"offset\":")
+            _put_uint(body, offset)
+            _put_str(body, ",\"time_ms\":")
+            _put_uint(body, v.time_ms)
+            if _is_utf8(v.payload, v.payload_len):
+                _put_str(body, ",\"payload\":")
+                _put_json(body, v.payload, v.payload_len)
+            else:
+                _put_str(body, ",\"payload_b64\":\"")
+                _put_base64(body, v.payload, v.payload_len)
+                _put_str(body, "\"")
+            if v.properties_len:
+                content_type = self._content_types(
+                    PyBytes_FromStringAndSize(<const char*>v.properties, v.properties_len))[1]
+                if content_type is not None:
+                    encoded = (<str>content_type).encode("utf-8")
+                    _put_str(body, ",\"content_type\":")
+                    _put_json(body, <const unsigned char*>PyBytes_AS_STRING(encoded),
+                              PyBytes_GET_SIZE(encoded))
+            _put_str(body, "}\n")
+        h.len = 0
+        _put_bytes(h, self._start)
+        _put_str(h, "Content-Type: ")
+        _put_bytes(h, _BATCH_CONTENT_TYPE)
+        _put_str(h, "\r\nContent-Length: ")
+        _put_uint(h, body.len)
+        _put_str(h, "\r\nIdempotency-Key: ")
+        key_at = h.len
+        _put_uint(h, partition)
+        _put(h, b"-", 1)
+        _put_uint(h, first_offset)
+        _put(h, b"-", 1)
+        _put_uint(h, first_offset + <uint64_t>(n - 1))
+        key_len = h.len - key_at
+        _put_str(h, "\r\nX-Pushcore-Partition: ")
+        _put_uint(h, partition)
+        _put_str(h, "\r\nX-Pushcore-Count: ")
+        _put_uint(h, n)
+        _put_str(h, "\r\n")
+        self._sign(key_at, key_len, <const unsigned char*>body.data, body.len, now_s)
+        _put_bytes(h, self._extra)
+        _put_str(h, "\r\n")
+        _put(h, body.data, body.len)
+        return PyBytes_FromStringAndSize(h.data, h.len)
+
+    cdef int _sign(self, Py_ssize_t key_at, Py_ssize_t key_len, const unsigned char* body,
+                   Py_ssize_t body_len, double now_s) except -1:
+        # Standard Webhooks: webhook-id, webhook-timestamp (whole seconds) and
+        # webhook-signature "v1," + base64 of HMAC-SHA256("{id}.{timestamp}.{body}").
+        cdef Buf* h = &self._head
+        cdef bytes key, timestamp, digest
+        if self._signing_key is None:
+            return 0
+        key = PyBytes_FromStringAndSize(h.data + key_at, key_len)
+        timestamp = str(<long long>floor(now_s)).encode("ascii")
+        digest = _hmac_digest(self._signing_key,
+                              key + b"." + timestamp + b"." +
+                              PyBytes_FromStringAndSize(<const char*>body, body_len),
+                              "sha256")
+        _put_str(h, "webhook-id: ")
+        _put_bytes(h, key)
+        _put_str(h, "\r\nwebhook-timestamp: ")
+        _put_bytes(h, timestamp)
+        _put_str(h, "\r\nwebhook-signature: v1,")
+        _put_base64(h, <const unsigned char*>PyBytes_AS_STRING(digest), PyBytes_GET_SIZE(digest))
+        _put_str(h, "\r\n")
+        return 0

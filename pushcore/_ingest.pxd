@@ -14,6 +14,26 @@ cdef enum ConnStateCode:
 cdef uint32_t murmur3_32(const unsigned char* data, Py_ssize_t n) noexcept nogil
 
 
+# The fields of one stored record (layout in pushcore/record.py), as pointers
+# into its bytes: parse_record fills it without creating an object.
+cdef struct RecordView:
+    uint64_t time_ms
+    int flags
+    const unsigned char* topic
+    Py_ssize_t topic_len
+    const unsigned char* client_id
+    Py_ssize_t client_id_len
+    const unsigned char* msg_id
+    Py_ssize_t msg_id_len
+    const unsigned char* properties
+    Py_ssize_t properties_len
+    const unsigned char* payload
+    Py_ssize_t payload_len
+
+
+cdef int parse_record(const unsigned char* p, Py_ssize_t n, RecordView* out) except -1
+
+
 cdef class Batch:
     cdef public list items
     cdef public list waiters

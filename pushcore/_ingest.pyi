@@ -75,6 +75,17 @@ class ConnState:
     ingest: Ingest
     def ingest_publishes(self, packets: list[AnyPacket], i: int) -> int: ...
 
+def select_records(
+    rows: list[tuple[bytes, bytes]],
+    pos: int,
+    next_offset: int,
+    limit: int,
+    routed: dict[bytes, bool],
+    route_miss: Any,
+    taken: list[bytes],
+    first_offset: int,
+) -> tuple[int, int, int, bool]: ...
+
 def ack_committed(waiters: list[Waiter]) -> set[Any]: ...
 def count_duplicates(results: list[tuple[int, int, bool]]) -> int: ...
 

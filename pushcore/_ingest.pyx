@@ -652,6 +652,57 @@ def batch_rows(list items, Py_ssize_t partitions, list touched, list first_offse
     return results, rows, [size[k] for k in range(n)]
 
 
+cdef inline Py_ssize_t _u16_at(const unsigned char* p) noexcept nogil:
+    return (p[0] << 8) | p[1]
+
+
+cdef int parse_record(const unsigned char* p, Py_ssize_t n, RecordView* out) except -1:
+    """Point ``out`` at the fields of a stored record (pushcore/record.py has the
+    layout); ValueError for a record that is truncated or of another format."""
+    cdef Py_ssize_t pos
+    cdef int i
+    if n < 14 or p[0] != FORMAT_VERSION:
+        raise ValueError("not a version 1 record")
+    out.flags = p[1]
+    out.time_ms = 0
+    for i in range(8):
+        out.time_ms = (out.time_ms << 8) | p[2 + i]
+    out.topic = p + 12
+    out.topic_len = _u16_at(p + 10)
+    pos = 12 + out.topic_len
+    if pos + 2 > n:
+        raise ValueError("truncated record")
+    out.client_id_len = _u16_at(p + pos)
+    out.client_id = p + pos + 2
+    pos += 2 + out.client_id_len
+    out.msg_id = NULL
+    out.msg_id_len = 0
+    if out.flags & FLAG_HAS_ID:
+        if pos + 2 > n:
+            raise ValueError("truncated record")
+        out.msg_id_len = _u16_at(p + pos)
+        out.msg_id = p + pos + 2
+        pos += 2 + out.msg_id_len
+    if out.flags & FLAG_HAS_KEY:
+        if pos + 2 > n:
+            raise ValueError("truncated record")
+        pos += 2 + _u16_at(p + pos)
+    out.properties = NULL
+    out.properties_len = 0
+    if out.flags & FLAG_HAS_PROPERTIES:
+        if pos + 4 > n:
+            raise ValueError("truncated record")
+        out.properties_len = ((<Py_ssize_t>p[pos] << 24) | (p[pos + 1] << 16)
+                              | (p[pos + 2] << 8) | p[pos + 3])
+        out.properties = p + pos + 4
+        pos += 4 + out.properties_len
+    if pos > n:
+        raise ValueError("truncated record")
+    out.payload = p + pos
+    out.payload_len = n - pos
+    return 0
+
+
 def record_fields(bytes record not None):
     """The parts of a stored record a delivery needs, without building a Record.
 
@@ -660,47 +711,83 @@ def record_fields(bytes record not None):
     truncated or of another format version.  The broker calls this once per
     message it routes.
     """
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(record)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(record)
-    cdef Py_ssize_t pos, tn, cn, fn
-    cdef uint64_t time_ms = 0
-    cdef int flags, i
-    if n < 14 or p[0] != 1:
-        raise ValueError("not a version 1 record")
-    flags = p[1]
-    for i in range(8):
-        time_ms = (time_ms << 8) | p[2 + i]
-    tn = (p[10] << 8) | p[11]
-    pos = 12 + tn
-    if pos + 2 > n:
-        raise ValueError("truncated record")
-    topic = (<const char*>p)[12:pos].decode("utf-8")
-    cn = (p[pos] << 8) | p[pos + 1]
-    pos += 2
-    if pos + cn > n:
-        raise ValueError("truncated record")
-    client_id = (<const char*>p)[pos:pos + cn].decode("utf-8")
-    pos += cn
-    for i in range(2):
-        # bit 3: message id, bit 4: ordering key, each a u16-length field.
-        if flags & (0x08 << i):
-            if pos + 2 > n:
-                raise ValueError("truncated record")
-            pos += 2 + ((p[pos] << 8) | p[pos + 1])
+    cdef RecordView v
+    parse_record(<const unsigned char*>PyBytes_AS_STRING(record), PyBytes_GET_SIZE(record), &v)
+    topic = (<const char*>v.topic)[:v.topic_len].decode("utf-8")
+    client_id = (<const char*>v.client_id)[:v.client_id_len].decode("utf-8")
     properties = _EMPTY
-    if flags & 0x20:
-        if pos + 4 > n:
-            raise ValueError("truncated record")
-        fn = (<Py_ssize_t>p[pos] << 24) | (p[pos + 1] << 16) | (p[pos + 2] << 8) | p[pos + 3]
-        pos += 4
-        if pos + fn > n:
-            raise ValueError("truncated record")
-        properties = PyBytes_FromStringAndSize(<const char*>p + pos, fn)
-        pos += fn
-    if pos > n:
-        raise ValueError("truncated record")
-    return time_ms, flags, topic, client_id, properties, \
-        PyBytes_FromStringAndSize(<const char*>p + pos, n - pos)
+    if v.properties_len:
+        properties = PyBytes_FromStringAndSize(<const char*>v.properties, v.properties_len)
+    return v.time_ms, v.flags, topic, client_id, properties, \
+        PyBytes_FromStringAndSize(<const char*>v.payload, v.payload_len)
+
+
+cdef inline uint64_t _offset_of(object key) except? 0:
+    # A log key is the offset as a big-endian u64 (pushcore/log.py).
+    cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(key)
+    cdef uint64_t offset = 0
+    cdef int i
+    if PyBytes_GET_SIZE(key) != 8:
+        raise ValueError("a log key is 8 bytes")
+    for i in range(8):
+        offset = (offset << 8) | k[i]
+    return offset
+
+
+def select_records(list rows, Py_ssize_t pos, uint64_t next_offset, Py_ssize_t limit,
+                   dict routed, object route_miss, list taken, uint64_t first_offset):
+    """A sink's next batch, picked from rows a partition read gave, in one call.
+
+    ``rows`` are (key, record) pairs in offset order (``Log.read_raw``), read
+    from ``pos`` on; rows before ``next_offset`` are passed over.  A record
+    whose topic no route of the sink matches is skipped, and the cursor
+    ``next_offset`` moves past it, while the batch is still empty; after
+    that it ends the batch, as does a gap in the offsets, since a batch is
+    consecutive records.  ``routed`` maps topic bytes to whether a route
+    matches; ``route_miss(topic)`` answers (and caches) a topic not in it.
+    Taken records are appended to ``taken`` (``first_offset`` is the offset
+    of taken[0] once there is one).
+
+    Returns (pos, next_offset, first_offset, done): ``done`` is false when
+    the rows ran out before the batch was complete (``limit`` records, a gap
+    or an unrouted record), so the caller reads on and calls again.
+    """
+    cdef Py_ssize_t n = len(rows)
+    cdef uint64_t offset
+    cdef Py_ssize_t ntaken = len(taken)
+    cdef RecordView v
+    cdef tuple row
+    while pos < n:
+        row = <tuple>rows[pos]
+        offset = _offset_of(row[0])
+        if offset < next_offset:
+            pos += 1
+            continue
+        record = row[1]
+        if type(record) is not bytes:
+            raise TypeError("a record is bytes")
+        parse_record(<const unsigned char*>PyBytes_AS_STRING(record), PyBytes_GET_SIZE(record),
+                     &v)
+        topic = PyBytes_FromStringAndSize(<const char*>v.topic, v.topic_len)
+        match = routed.get(topic)
+        if match is None:
+            match = route_miss(topic)
+        if not match:
+            if ntaken:
+                return pos, next_offset, first_offset, True
+            pos += 1
+            next_offset = offset + 1
+            continue
+        if ntaken == 0:
+            first_offset = offset
+        elif offset != first_offset + <uint64_t>ntaken:
+            return pos, next_offset, first_offset, True
+        taken.append(record)
+        ntaken += 1
+        pos += 1
+        if ntaken >= limit:
+            return pos, next_offset, first_offset, True
+    return pos, next_offset, first_offset, False
 
 
 cdef inline Py_ssize_t _put_varint(unsigned char* w, Py_ssize_t n) noexcept nogil:

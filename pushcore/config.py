@@ -48,7 +48,7 @@ import yaml
 
 from pushcore.errors import ConfigError, TopicFilterInvalid
 from pushcore.topics import SHARE_PREFIX, parse_shared, validate_filter
-from pushcore.webhook import Target, signing_key
+from pushcore.webhook import Target, check_extra_header, signing_key
 
 __all__ = [
     "OPTIONS",
@@ -484,6 +484,28 @@ class WebhookSecret(String):
         return super().parse(value)
 
 
+class HeaderField:
+    """An extra header a webhook sends with every request: ``"Name: value"``."""
+
+    expected = "a header field 'Name: value'"
+    plural = "header fields 'Name: value'"
+    null_hint = ""
+
+    def parse(self, value):
+        if not isinstance(value, str) or ":" not in value:
+            raise ValueError(f"expected {self.expected}, got {_got(value)}")
+        name, _, field_value = value.partition(":")
+        pair = (name.strip(), field_value.strip())
+        try:
+            check_extra_header(*pair)
+        except ValueError as exc:
+            raise ValueError(f"expected {self.expected}, got {_got(value)} ({exc})") from None
+        return pair
+
+    def format(self, value):
+        return f"{value[0]}: {value[1]}"
+
+
 class PythonFunction:
     """``module:function`` for the Python sink, checked for form only.
 
@@ -653,6 +675,7 @@ SINK_OPTIONS = {
     "response_timeout": SinkOption(Duration(), "10s", _WEBHOOK),
     "connections": SinkOption(Integer(1, 256), 4, _WEBHOOK),
     "batch": SinkOption(Integer(1, 10_000), 1, _WEBHOOK),
+    "headers": SinkOption(List(HeaderField()), (), _WEBHOOK),
     "on_4xx": SinkOption(Choice("dead", "retry"), "dead", _WEBHOOK),
     "function": SinkOption(PythonFunction(), REQUIRED, _PYTHON),
     "threads": SinkOption(Integer(1, 64), 1, _PYTHON),
@@ -1064,7 +1087,8 @@ class _FileReader:
         for relative in keys:
             option = SINK_OPTIONS[relative]
             if relative in found:
-                values[relative] = self.scalar(f"{prefix}.{relative}", option.kind, *found[relative])
+                read = self.sequence if isinstance(option.kind, List) else self.scalar
+                values[relative] = read(f"{prefix}.{relative}", option.kind, *found[relative])
             elif option.required:
                 raise self.error(
                     f"{prefix}.{relative}", f"missing; a {sink_type} sink needs one ({option.kind.expected})", line

@@ -819,6 +819,17 @@ class Log:
             return [(unpack(key)[0], value)
                     for key, value in itertools.islice(cursor.iternext(), limit)]
 
+    def read_raw(self, partition, start_offset, limit):
+        """Up to ``limit`` (key, record) pairs from ``start_offset`` on, the keys as
+        stored (the offset as a big-endian u64): what a sink reads, one call per
+        chunk, for ``pushcore._ingest.select_records`` to walk in C."""
+        self._check_partition(partition)
+        with self._env.begin() as txn:
+            cursor = txn.cursor(self._logs[partition])
+            if not cursor.set_range(_U64.pack(start_offset)):
+                return []
+            return list(itertools.islice(cursor.iternext(), limit))
+
     def first_offset(self, partition):
         """Offset of the oldest kept record; the next offset when the partition is empty."""
         self._check_partition(partition)

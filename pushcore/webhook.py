@@ -33,7 +33,9 @@ case-insensitive; the Standard Webhooks ones are written as that spec does):
 
 The delivery key is the message id when the record has a non-empty one, else
 ``<partition>-<offset>``.  It is the same on every attempt, so a receiver drops
-duplicates by it.  Header values are visible ASCII, so the id and the topic are
+duplicates by it.  A message id that reads like such a key (``3-17``, or a
+batch's ``3-17-20``) has its first character percent-encoded (``%33-17``), so
+that no publisher's id can ever equal the key of a record without one.  Header values are visible ASCII, so the id and the topic are
 percent-encoded (RFC 3986 §2.1, upper-case hex) wherever a byte is a control,
 space, ``%`` or non-ASCII; the id also has ``.`` encoded, because Standard
 Webhooks signs ``{id}.{timestamp}.{body}`` and asks that ids carry no ``.``
@@ -66,11 +68,11 @@ from functools import lru_cache
 from http import HTTPStatus
 from ipaddress import IPv6Address
 
-from pushcore import _frame
+from pushcore import _frame, _http
 
 __all__ = ["SUCCESS", "RETRY", "DEAD", "ERROR_KINDS", "Target", "Delivery", "RetryPolicy",
-           "Outcome", "signing_key", "sign", "idempotency_key", "build_request",
-           "build_batch_request", "classify", "classify_error", "parse_retry_after",
+           "Outcome", "signing_key", "sign", "check_extra_header", "idempotency_key", "build_request",
+           "build_batch_request", "request_writer", "classify", "classify_error", "parse_retry_after",
            "backoff", "retry_delay"]
 
 SUCCESS = "success"
@@ -95,6 +97,9 @@ SIGNATURE_VERSION = "v1"
 _TOPIC_UNSAFE = bytes(range(0x21)) + b"%\x7f" + bytes(range(0x80, 0x100))
 # Standard Webhooks §Signature scheme: a message id must not contain ".".
 _ID_UNSAFE = _TOPIC_UNSAFE + b"."
+# The shape of the keys pushcore makes up: "<partition>-<offset>" for a record
+# without an id, "<partition>-<first>-<last>" for a batch.
+_READS_AS_OFFSETS = re.compile(rb"[0-9]+(?:-[0-9]+)+")
 _TOPIC_ESCAPES = tuple(f"%{b:02X}" if b in _TOPIC_UNSAFE else chr(b) for b in range(256))
 _ID_ESCAPES = tuple(f"%{b:02X}" if b in _ID_UNSAFE else chr(b) for b in range(256))
 
@@ -357,7 +362,11 @@ def idempotency_key(delivery):
     which would make every such record one duplicate of the next)."""
     if not delivery.msg_id:
         return f"{delivery.partition}-{delivery.offset}"
-    return _escape(delivery.msg_id, _ID_UNSAFE, _ID_ESCAPES)
+    key = _escape(delivery.msg_id, _ID_UNSAFE, _ID_ESCAPES)
+    if _READS_AS_OFFSETS.fullmatch(delivery.msg_id):
+        # Its first digit encoded: then it is no "<partition>-<offset>" key.
+        return f"%{delivery.msg_id[0]:02X}{key[1:]}"
+    return key
 
 
 def _content_type(value):
@@ -366,18 +375,25 @@ def _content_type(value):
     return DEFAULT_CONTENT_TYPE
 
 
+def check_extra_header(name, value):
+    """Raise ValueError unless (name, value) may be sent as an extra header: the
+    name an HTTP token pushcore does not set itself (nor one that frames the
+    message or the connection), the value visible ASCII."""
+    if not _HEADER_NAME.fullmatch(name) or not name.isascii():
+        raise ValueError(f"extra header name {name!r} is not an HTTP token")
+    if name.lower() in _RESERVED_HEADERS:
+        raise ValueError(f"extra header {name!r} is set by pushcore and may not be "
+                         "configured")
+    if not value.isascii() or not _HEADER_VALUE.fullmatch(value):
+        raise ValueError(f"extra header {name!r}: value {value!r} must be visible "
+                         "ASCII without leading or trailing whitespace")
+
+
 @lru_cache(maxsize=64)
 def _encode_extra(pairs):
     lines = []
     for name, value in pairs:
-        if not _HEADER_NAME.fullmatch(name) or not name.isascii():
-            raise ValueError(f"extra header name {name!r} is not an HTTP token")
-        if name.lower() in _RESERVED_HEADERS:
-            raise ValueError(f"extra header {name!r} is set by pushcore and may not be "
-                             "configured")
-        if not value.isascii() or not _HEADER_VALUE.fullmatch(value):
-            raise ValueError(f"extra header {name!r}: value {value!r} must be visible "
-                             "ASCII without leading or trailing whitespace")
+        check_extra_header(name, value)
         lines.append(f"{name}: {value}\r\n")
     return "".join(lines)
 
@@ -475,6 +491,28 @@ def build_batch_request(target, deliveries, secret=None, *, now_s=None, extra_he
               f"X-Pushcore-Count: {len(deliveries)}\r\n")
     return _request(target, BATCH_CONTENT_TYPE, body, key, fields, secret, now_s,
                     extra_headers)
+
+
+def request_writer(target, secret=None, extra_headers=()):
+    """A sink's ``pushcore._http.RequestWriter``: the bytes of ``build_request``
+    and ``build_batch_request``, made in C straight from stored records.
+
+    ``writer.single(record, partition, offset, now_s)`` and
+    ``writer.batch(records, partition, first_offset, now_s)`` take the record
+    bytes as the log keeps them; the arguments here are those of the two
+    functions above, checked the same way.
+    """
+    start = f"POST {target.target} HTTP/1.1\r\nHost: {target.authority}\r\n".encode("ascii")
+    extra = _encode_extra(tuple(map(tuple, extra_headers))).encode("ascii")
+    key = signing_key(secret) if secret is not None else None
+    return _http.RequestWriter(start, extra, key, _content_types)
+
+
+def _content_types(properties):
+    # The Content-Type field of a single delivery, and the raw property a batch
+    # line carries (Delivery.from_record and _content_type, for the C writer).
+    content_type = _frame.decode_properties(properties).get("content_type")
+    return _content_type(content_type), content_type
 
 
 # --- outcomes ---------------------------------------------------------------

@@ -34,6 +34,7 @@ import socket
 import time
 
 from pushcore import _http
+from pushcore._ingest import select_records
 from pushcore.errors import ConfigError
 from pushcore.log import (
     OP_DELETE,
@@ -52,10 +53,9 @@ from pushcore.webhook import (
     Delivery,
     Outcome,
     RetryPolicy,
-    build_batch_request,
-    build_request,
     classify,
     classify_error,
+    request_writer,
     retry_delay,
 )
 
@@ -73,6 +73,11 @@ RESOLVE_TTL_S = 30.0
 ROUTE_CACHE_MAX = 10_000
 # Bytes read from a webhook connection per recv.
 RECV_SIZE = 65536
+# Delivery state (cursors, retry and dead-letter entries) goes with the next commit
+# of records; when no records come, it is committed on its own at most this often.
+# At least once allows a cursor that lags; a commit (and a sync) per delivery would
+# cost more than the deliveries.
+STATE_COMMIT_S = 0.05
 
 
 class Engine:
@@ -86,6 +91,11 @@ class Engine:
         # (sink id, partition) -> next offset, written once per commit however many
         # deliveries moved it.
         self.cursors = {}
+        # When the state was last taken for a commit, and the timer that wakes the
+        # loop when it may be committed on its own again.
+        self.taken_at = 0.0
+        self.state_timer = None
+        self.stopped = False
         self.resolver = concurrent.futures.ThreadPoolExecutor(1, "pushcore-resolve")
         names = list(sinks_cfg)
         ids = self.store.register_sinks(names)
@@ -100,6 +110,7 @@ class Engine:
             sink.start()
 
     def take_writes(self):
+        self.taken_at = self.loop.time()
         writes, self.writes = self.writes, []
         for (sink_id, partition), offset in self.cursors.items():
             writes.append((OP_PUT, b"cursor", cursor_key(sink_id, partition),
@@ -108,7 +119,19 @@ class Engine:
         return writes
 
     def pending(self):
-        return bool(self.writes or self.cursors)
+        """Whether the state owed is due for a commit of its own (see STATE_COMMIT_S)."""
+        if not (self.writes or self.cursors):
+            return False
+        wait = self.taken_at + STATE_COMMIT_S - self.loop.time()
+        if wait <= 0 or self.stopped:
+            return True
+        if self.state_timer is None:
+            self.state_timer = self.loop.call_later(wait, self._state_due)
+        return False
+
+    def _state_due(self):
+        # Nothing to do here: the loop iteration this timer ends asks pending() again.
+        self.state_timer = None
 
     def committed(self, partitions):
         """New records were committed in these partitions."""
@@ -116,13 +139,17 @@ class Engine:
             sink.wake(partitions)
 
     def stop(self):
+        # From now on what is owed is committed at once (the drain waits for it).
+        self.stopped = True
+        if self.state_timer is not None:
+            self.state_timer.cancel()
         for sink in self.sinks:
             sink.stop()
         self.resolver.shutdown(wait=False, cancel_futures=True)
 
 
 class PartitionState:
-    __slots__ = ("partition", "next", "busy", "attempts", "held", "retry_key", "ahead")
+    __slots__ = ("partition", "next", "busy", "attempts", "held", "retry_key", "rows", "pos")
 
     def __init__(self, partition, next_offset):
         self.partition = partition
@@ -135,8 +162,10 @@ class PartitionState:
         self.held = None
         # Its entry in the retry queue, deleted once the head is delivered.
         self.retry_key = None
-        # Records read ahead from ``next`` on: (offset, record bytes), oldest last.
-        self.ahead = []
+        # Records read ahead (Log.read_raw): (key, record) pairs, the next one to look
+        # at is rows[pos].
+        self.rows = []
+        self.pos = 0
 
 
 class Sink:
@@ -150,8 +179,12 @@ class Sink:
         self.name = name
         self.sink_id = sink_id
         self.filters = tuple(filters)
-        # topic -> whether a route sends it here; bounded like the broker's.
+        # topic (UTF-8 bytes, as stored) -> whether a route sends it here; bounded like
+        # the broker's.
         self.route_cache = {}
+        self.m_delivered = f"sink_{name}_delivered"
+        self.m_failed = f"sink_{name}_failed_attempts"
+        self.m_dead = f"sink_{name}_dead"
         self.strict = cfg.ordering == "strict"
         self.concurrency = cfg.concurrency
         retry = cfg.retry
@@ -231,51 +264,40 @@ class Sink:
         self._send_next(ps)
 
     def _send_next(self, ps):
-        batch = []
-        raws = []
-        moved = False
-        while len(batch) < self.batch:
-            ahead = ps.ahead
-            if not ahead or ahead[-1][0] < ps.next:
-                rows = self.store.read(ps.partition, ps.next, READ_CHUNK)
-                if not rows:
+        # The records are picked in C (select_records), a chunk of rows per call.
+        records = []
+        first = 0
+        before = ps.next
+        while True:
+            if ps.pos >= len(ps.rows):
+                start = first + len(records) if records else ps.next
+                ps.rows = self.store.read_raw(ps.partition, start, READ_CHUNK)
+                ps.pos = 0
+                if not ps.rows:
                     break
-                ahead[:] = reversed(rows)
-            offset, value = ahead[-1]
-            if offset < ps.next:
-                ahead.pop()
-                continue
-            record = decode_record(bytes(value))
-            if not self._routed(record.topic):
-                if batch:
-                    break
-                # Nobody here wants it: the cursor simply moves past it.
-                ahead.pop()
-                ps.next = offset + 1
-                moved = True
-                continue
-            if batch and offset != batch[-1].offset + 1:
+            ps.pos, ps.next, first, done = select_records(
+                ps.rows, ps.pos, ps.next, self.batch, self.route_cache, self._route_miss,
+                records, first)
+            if done:
                 break
-            ahead.pop()
-            batch.append(Delivery.from_record(record, ps.partition, offset))
-            raws.append(bytes(value))
-        if not batch:
-            if moved:
+        if not records:
+            # Nobody here wanted what was read: the cursor simply moved past it.
+            if ps.next != before:
                 self._write_cursor(ps)
             return
         # Until the outcome, the batch is not read again; a retry puts it back.
         ps.busy = True
         self.active += 1
-        self.transport.send(batch, lambda outcome, status=0: self._done(ps, batch, raws,
-                                                                        outcome, status))
+        self.transport.send(ps.partition, first, records,
+                            lambda outcome, status=0: self._done(ps, first, records, outcome,
+                                                                 status))
 
-    def _routed(self, topic):
-        routed = self.route_cache.get(topic)
-        if routed is None:
-            if len(self.route_cache) >= ROUTE_CACHE_MAX:
-                self.route_cache.clear()
-            routed = self.route_cache[topic] = any(matches(topic_filter, topic)
-                                                   for topic_filter in self.filters)
+    def _route_miss(self, topic):
+        if len(self.route_cache) >= ROUTE_CACHE_MAX:
+            self.route_cache.clear()
+        text = topic.decode()
+        routed = self.route_cache[topic] = any(matches(topic_filter, text)
+                                               for topic_filter in self.filters)
         return routed
 
     def _write_cursor(self, ps):
@@ -288,51 +310,54 @@ class Sink:
 
     # -- outcomes --------------------------------------------------------------
 
-    def _done(self, ps, batch, raws, outcome, status):
+    def _done(self, ps, first, records, outcome, status):
         ps.busy = False
         self._free_slot()
         if self.stopped:
             return
         m = self.metrics
+        last = first + len(records) - 1
         if outcome.kind == SUCCESS:
-            m[f"sink_{self.name}_delivered"] += len(batch)
-            self._passed(ps, batch)
+            m[self.m_delivered] += len(records)
+            self._passed(ps, last)
         elif outcome.kind == RETRY and ps.attempts + 1 < self.policy.max_attempts:
-            m[f"sink_{self.name}_failed_attempts"] += 1
+            m[self.m_failed] += 1
             attempt = ps.attempts
             ps.attempts += 1
             delay = retry_delay(outcome, attempt, self.policy)
             due_ms = _now_ms() + int(delay * 1000)
             log.info("sink %s: partition %d offset %d: %s; retry %d in %.2f s",
-                     self.name, ps.partition, batch[0].offset, outcome.reason, ps.attempts,
-                     delay)
+                     self.name, ps.partition, first, outcome.reason, ps.attempts, delay)
             if self.strict:
-                self._retry_head(ps, batch[0], raws[0], outcome, status, due_ms)
+                self._retry_head(ps, first, records[0], outcome, status, due_ms)
                 # The held records are read again when the hold ends.
-                ps.ahead.clear()
+                ps.rows = []
+                ps.pos = 0
                 self._hold(ps, delay)
                 return
-            for delivery, raw in zip(batch, raws):
-                self._put_retry(delivery, raw, ps.attempts, outcome, status, due_ms)
+            for i, record in enumerate(records):
+                self._put_retry(ps.partition, first + i, record, ps.attempts, outcome, status,
+                                due_ms)
             ps.attempts = 0
-            ps.next = batch[-1].offset + 1
+            ps.next = last + 1
         else:
-            m[f"sink_{self.name}_dead"] += len(batch)
+            m[self.m_dead] += len(records)
             log.warning("sink %s: partition %d offsets %d..%d to the dead-letter queue "
-                        "after %d attempts: %s", self.name, ps.partition, batch[0].offset,
-                        batch[-1].offset, ps.attempts + 1, outcome.reason)
-            for delivery, raw in zip(batch, raws):
-                self._put_dead(delivery, raw, ps.attempts + 1, outcome, status)
-            self._passed(ps, batch)
+                        "after %d attempts: %s", self.name, ps.partition, first, last,
+                        ps.attempts + 1, outcome.reason)
+            for i, record in enumerate(records):
+                self._put_dead(ps.partition, first + i, record, ps.attempts + 1, outcome, status)
+            self._passed(ps, last)
         self._write_cursor(ps)
         self._schedule(ps)
 
-    def _passed(self, ps, batch):
-        ps.next = batch[-1].offset + 1
+    def _passed(self, ps, last):
+        ps.next = last + 1
         ps.attempts = 0
         if ps.retry_key is not None:
+            # The key stays in ``retrying`` until the poller no longer sees it (its delete
+            # is committed), so the poller never sends the head again meanwhile.
             self.engine.writes.append((OP_DELETE, b"retry", ps.retry_key, None))
-            self.retrying.discard(ps.retry_key)
             ps.retry_key = None
 
     def _hold(self, ps, delay):
@@ -342,24 +367,24 @@ class Sink:
         ps.held = None
         self._schedule(ps)
 
-    def _retry_head(self, ps, delivery, raw, outcome, status, due_ms):
+    def _retry_head(self, ps, offset, raw, outcome, status, due_ms):
         """ordering strict: the head's due time goes to the retry queue too (restarts)."""
         if ps.retry_key is not None:
+            # Left in ``retrying`` until its delete is committed, as in _passed.
             self.engine.writes.append((OP_DELETE, b"retry", ps.retry_key, None))
-            self.retrying.discard(ps.retry_key)
-        ps.retry_key = retry_key(due_ms, self.sink_id, ps.partition, delivery.offset)
+        ps.retry_key = retry_key(due_ms, self.sink_id, ps.partition, offset)
         # The poller must leave a held head to its partition.
         self.retrying.add(ps.retry_key)
         self.engine.writes.append((OP_PUT, b"retry", ps.retry_key,
                                    encode_failure(ps.attempts, status, outcome.reason, raw)))
 
-    def _put_retry(self, delivery, raw, attempts, outcome, status, due_ms):
-        key = retry_key(due_ms, self.sink_id, delivery.partition, delivery.offset)
+    def _put_retry(self, partition, offset, raw, attempts, outcome, status, due_ms):
+        key = retry_key(due_ms, self.sink_id, partition, offset)
         self.engine.writes.append((OP_PUT, b"retry", key,
                                    encode_failure(attempts, status, outcome.reason, raw)))
 
-    def _put_dead(self, delivery, raw, attempts, outcome, status):
-        key = dlq_key(self.sink_id, _now_ms(), delivery.partition, delivery.offset)
+    def _put_dead(self, partition, offset, raw, attempts, outcome, status):
+        key = dlq_key(self.sink_id, _now_ms(), partition, offset)
         self.engine.writes.append((OP_PUT, b"dlq", key,
                                    encode_failure(attempts, status, outcome.reason, raw)))
 
@@ -385,10 +410,11 @@ class Sink:
             self.retrying.add(key)
             self.retry_in_flight.add(key)
             taken += 1
-            delivery = Delivery.from_record(decode_record(record), partition, offset)
-            self.transport.send([delivery], lambda outcome, status=0, key=key, raw=record,
-                                delivery=delivery, attempts=attempts:
-                                self._retried(key, delivery, raw, attempts, outcome, status))
+            self.transport.send(partition, offset, [record],
+                                lambda outcome, status=0, key=key, partition=partition,
+                                offset=offset, raw=record, attempts=attempts:
+                                self._retried(key, partition, offset, raw, attempts, outcome,
+                                              status))
         # A key handled and deleted stays in ``retrying`` until the poll no longer
         # sees it (its delete is committed), so it is not sent twice meanwhile.
         held = {ps.retry_key for ps in self.partitions if ps.retry_key is not None}
@@ -396,21 +422,21 @@ class Sink:
                          if key in seen or key in held or key in self.retry_in_flight}
         self.retry_timer = self.loop.call_later(RETRY_POLL_S, self._poll_retries)
 
-    def _retried(self, key, delivery, raw, attempts, outcome, status):
+    def _retried(self, key, partition, offset, raw, attempts, outcome, status):
         self.retry_in_flight.discard(key)
         if self.stopped:
             return
         self.engine.writes.append((OP_DELETE, b"retry", key, None))
         if outcome.kind == SUCCESS:
-            self.metrics[f"sink_{self.name}_delivered"] += 1
+            self.metrics[self.m_delivered] += 1
         elif outcome.kind == RETRY and attempts + 1 < self.policy.max_attempts:
-            self.metrics[f"sink_{self.name}_failed_attempts"] += 1
+            self.metrics[self.m_failed] += 1
             delay = retry_delay(outcome, attempts, self.policy)
-            self._put_retry(delivery, raw, attempts + 1, outcome, status,
+            self._put_retry(partition, offset, raw, attempts + 1, outcome, status,
                             _now_ms() + int(delay * 1000))
         else:
-            self.metrics[f"sink_{self.name}_dead"] += 1
-            self._put_dead(delivery, raw, attempts + 1, outcome, status)
+            self.metrics[self.m_dead] += 1
+            self._put_dead(partition, offset, raw, attempts + 1, outcome, status)
 
 
 def _now_ms():
@@ -436,15 +462,15 @@ class PythonTransport:
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.threads,
                                                           f"pushcore-sink-{sink.name}")
 
-    def send(self, batch, done):
-        future = self.pool.submit(self._call, batch)
+    def send(self, partition, first, records, done):
+        future = self.pool.submit(self._call, partition, first, records)
         future.add_done_callback(
             lambda f: self.loop.call_soon_threadsafe(done, f.result()))
 
-    def _call(self, batch):
+    def _call(self, partition, first, records):
         try:
-            for delivery in batch:
-                self.function(delivery)
+            for i, record in enumerate(records):
+                self.function(Delivery.from_record(decode_record(record), partition, first + i))
         except Exception as exc:
             return Outcome(RETRY, None, f"{type(exc).__name__}: {exc}")
         return Outcome(SUCCESS, None, "ok")
@@ -462,7 +488,7 @@ class WebhookTransport:
         # The configuration parsed and checked the URL (pushcore.webhook.Target).
         self.target = cfg.url
         self.batching = cfg.batch > 1
-        self.secret = cfg.secret
+        self.writer = request_writer(self.target, cfg.secret, cfg.headers)
         self.connect_timeout = cfg.connect_timeout
         self.response_timeout = cfg.response_timeout
         self.max_connections = cfg.connections
@@ -483,16 +509,13 @@ class WebhookTransport:
             self.address = (host, self.target.port)
             self.resolved_at = float("inf")
 
-    def send(self, batch, done):
-        now_s = time.time()
+    def send(self, partition, first, records, done):
         # A batching sink always sends NDJSON, even one record: the receiver sees
         # one format whatever was ready at the time.
-        if self.batching:
-            request = build_batch_request(self.target, batch, self.secret, now_s=now_s)
-        elif len(batch) == 1:
-            request = build_request(self.target, batch[0], self.secret, now_s=now_s)
+        if self.batching or len(records) > 1:
+            request = self.writer.batch(records, partition, first, time.time())
         else:
-            request = build_batch_request(self.target, batch, self.secret, now_s=now_s)
+            request = self.writer.single(records[0], partition, first, time.time())
         self.queue.append((request, done))
         self._dispatch()
 
@@ -587,7 +610,6 @@ class HTTPConnection:
         self.done = done
         self.request_bytes = request
         self.out += request
-        self.parser = _http.ResponseParser()
         self.response = None
         self.received = False
         if self.sock is None:
@@ -600,6 +622,9 @@ class HTTPConnection:
 
     def _connect(self):
         address = self.transport.address
+        # One parser for the connection's life: a response is taken only once it
+        # ended with nothing after it (_complete), so the next starts clean.
+        self.parser = _http.ResponseParser()
         try:
             self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
                                       socket.SOCK_STREAM)
@@ -668,13 +693,19 @@ class HTTPConnection:
             self.close()
             return
         self.received = True
-        self.buf += data
+        # A response usually arrives whole: then it is parsed where recv put it.
+        if self.buf:
+            self.buf += data
+            data = self.buf
         try:
-            events, consumed = self.parser.feed(self.buf, 0, len(self.buf))
+            events, consumed = self.parser.feed(data, 0, len(data))
         except Exception as exc:
             self._fail("bad_response", str(exc))
             return
-        del self.buf[:consumed]
+        if data is self.buf:
+            del self.buf[:consumed]
+        elif consumed < len(data):
+            self.buf += data[consumed:]
         for event in events:
             if isinstance(event, _http.Response):
                 if event.status >= 200:

@@ -812,6 +812,9 @@ sinks:
     response_timeout: 30s
     connections: 16
     batch: 100
+    headers:
+      - "Authorization: Bearer t0k3n"
+      - "X-Tenant:acme"
     ordering: none
     concurrency: 8
     on_4xx: retry
@@ -855,6 +858,7 @@ def test_full_delivery_config(write):
         "response_timeout": 30.0,
         "connections": 16,
         "batch": 100,
+        "headers": (("Authorization", "Bearer t0k3n"), ("X-Tenant", "acme")),
         "on_4xx": "retry",
         "ordering": "none",
         "concurrency": 8,
@@ -910,6 +914,7 @@ def test_sink_defaults(write):
         "response_timeout": 10.0,
         "connections": 4,
         "batch": 1,
+        "headers": (),
         "on_4xx": "dead",
         "ordering": "strict",
         "concurrency": 4,
@@ -1199,6 +1204,18 @@ ROUTE_FILTER_EXPECTED = "a topic filter ('+' and '#' only as whole levels, '#' o
          f"sinks.orders.url: expected {URL_EXPECTED}, got 'http://x:99999/' (port '99999' is not a number 1..65535)"),
         (_sink("", url="''"), 4, f"sinks.orders.url: expected {URL_EXPECTED}, got ''"),
         (_sink("", url=""), 4, f"sinks.orders.url: expected {URL_EXPECTED}, got null"),
+        # extra headers: their own line, the rule they break
+        ('sinks:\n  a:\n    type: webhook\n    url: http://h/\n    headers:\n'
+         '      - "X-Ok: 1"\n      - "Host: evil"\n', 7,
+         "sinks.a.headers: item 2: expected a header field 'Name: value', got 'Host: evil' "
+         "(extra header 'Host' is set by pushcore and may not be configured)"),
+        ('sinks:\n  a:\n    type: webhook\n    url: http://h/\n    headers: ["no colon"]\n', 5,
+         "sinks.a.headers: item 1: expected a header field 'Name: value', got 'no colon'"),
+        ('sinks:\n  a:\n    type: webhook\n    url: http://h/\n    headers: "X-A: 1"\n', 5,
+         "sinks.a.headers: expected a list of header fields 'Name: value' ([] for none), "
+         "got 'X-A: 1'"),
+        ('sinks:\n  a:\n    type: python\n    function: m:f\n    headers: []\n', 5,
+         "sinks.a.headers: not an option of a python sink (webhook sinks only)"),
         # functions
         ("sinks:\n  a:\n    type: python\n    function: mypackage.hooks\n", 4,
          "sinks.a.function: expected module:function, as mypackage.hooks:handle, got 'mypackage.hooks'"),

@@ -262,7 +262,9 @@ def gaps(requests):
 
 
 def test_delivery_request_headers_signature_and_routing(start_daemon, receiver):
-    config = delivery_config({"hook": webhook(receiver, secret=SECRET)},
+    config = delivery_config({"hook": webhook(receiver, secret=SECRET,
+                                              headers=["Authorization: Bearer t0k3n",
+                                                       "X-Tenant: acme"])},
                              [("orders/#", "hook"), ("orders/+/new", "hook")])
     daemon = start_daemon(config)
     before_s = int(time.time())
@@ -314,6 +316,9 @@ def test_delivery_request_headers_signature_and_routing(start_daemon, receiver):
         "webhook-id": "m-1",
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(SECRET, "m-1", timestamp, b'{"n": 1}'),
+        # sinks.hook.headers, sent as configured.
+        "authorization": "Bearer t0k3n",
+        "x-tenant": "acme",
     }
     # Standard Webhooks verification as a receiver does it, without pushcore's code:
     # HMAC-SHA256 keyed by the base64 after "whsec_", over "{id}.{timestamp}.{body}".

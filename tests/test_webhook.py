@@ -28,8 +28,8 @@ from pushcore import _frame
 from pushcore.record import decode_record, encode_record
 from pushcore.webhook import (DEAD, ERROR_KINDS, RETRY, SUCCESS, Delivery, Outcome, RetryPolicy,
                               Target, backoff, build_batch_request, build_request, classify,
-                              classify_error, idempotency_key, parse_retry_after, retry_delay,
-                              sign, signing_key)
+                              classify_error, idempotency_key, parse_retry_after, request_writer,
+                              retry_delay, sign, signing_key)
 
 # The Standard Webhooks reference test vector: standard-webhooks/standard-webhooks,
 # libraries/go/webhook_test.go, TestWebhookSign (the same values are used by the
@@ -278,6 +278,14 @@ def test_signing_needs_now():
     (b"caf\xc3\xa9", "caf%C3%A9"),
     (b"\xff\x00\x7f\t", "%FF%00%7F%09"),
     (b"~!#$&'()*+,/:;=?@[]^_`{|}\"<>\\", "~!#$&'()*+,/:;=?@[]^_`{|}\"<>\\"),
+    # Ids that read like the keys pushcore makes up get their first digit encoded.
+    (b"3-42", "%33-42"),
+    (b"0-5-9", "%30-5-9"),
+    (b"3-42-", "3-42-"),
+    (b"-3-42", "-3-42"),
+    (b"3--42", "3--42"),
+    (b"342", "342"),
+    (b"3-x", "3-x"),
 ])
 def test_idempotency_key(msg_id, key):
     assert idempotency_key(Delivery(3, 42, 0, "t", msg_id, b"")) == key
@@ -735,3 +743,82 @@ def test_stdlib_server_receives_signed_request():
     fields = [(name.lower(), value) for name, value in headers.items()]
     assert verify(VECTOR_SECRET, fields, body)
     assert seen[1][2] == VECTOR_PAYLOAD
+
+
+# -- the C request writer against the reference --------------------------------------
+
+@st.composite
+def stored_records(draw):
+    """(record bytes, the Delivery it stands for minus partition and offset)."""
+    time_ms = draw(st.integers(0, 2**64 - 1))
+    topic = draw(st.text(max_size=30))
+    msg_id = draw(st.none() | st.binary(max_size=20) | st.from_regex(rb"[0-9]{1,3}(-[0-9]{1,3}){1,2}",
+                                                                      fullmatch=True))
+    payload = draw(st.binary(max_size=60) | st.text(max_size=60).map(str.encode))
+    props = {}
+    # MQTT 5.0 §1.5.4: no control characters in a property string.
+    mqtt_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12)
+    if draw(st.booleans()):
+        props["content_type"] = draw(st.sampled_from(["application/json", "text/plain; a=b"])
+                                     | mqtt_text)
+    if draw(st.booleans()):
+        props["user_property"] = [("k", draw(mqtt_text))]
+    properties = _frame.encode_properties(props) if props else b""
+    record = encode_record(time_ms, topic, payload, qos=draw(st.integers(0, 2)), msg_id=msg_id,
+                           key=draw(st.none() | st.binary(max_size=5)),
+                           client_id=draw(st.text(max_size=5)), properties=properties)
+    return record
+
+
+WRITER_EXTRA = (("Authorization", "Bearer t0k3n"), ("X-Env", "test"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(record=stored_records(), partition=st.integers(0, 1023),
+       offset=st.integers(0, 2**64 - 1), secret=st.none() | st.binary(min_size=1, max_size=40),
+       now_s=st.floats(0, 2e9), extra=st.sampled_from([(), WRITER_EXTRA]))
+def test_request_writer_single_is_build_request(record, partition, offset, secret, now_s, extra):
+    delivery = Delivery.from_record(decode_record(record), partition, offset)
+    writer = request_writer(TARGET, secret, extra)
+    assert writer.single(record, partition, offset, now_s) == build_request(
+        TARGET, delivery, secret, now_s=now_s, extra_headers=extra)
+
+
+@settings(max_examples=300, deadline=None)
+@given(records=st.lists(stored_records(), min_size=1, max_size=6),
+       partition=st.integers(0, 1023), first=st.integers(0, 2**63),
+       secret=st.none() | st.binary(min_size=1, max_size=40), now_s=st.floats(0, 2e9),
+       extra=st.sampled_from([(), WRITER_EXTRA]))
+def test_request_writer_batch_is_build_batch_request(records, partition, first, secret, now_s,
+                                                     extra):
+    deliveries = [Delivery.from_record(decode_record(r), partition, first + i)
+                  for i, r in enumerate(records)]
+    writer = request_writer(TARGET, secret, extra)
+    assert writer.batch(records, partition, first, now_s) == build_batch_request(
+        TARGET, deliveries, secret, now_s=now_s, extra_headers=extra)
+
+
+def test_request_writer_reuses_its_buffers_between_sizes():
+    writer = request_writer(TARGET)
+    big = encode_record(1, "t", b"x" * 100_000)
+    small = encode_record(2, "t", b"y")
+    for record in (big, small, big):
+        assert writer.single(record, 0, 1, 0.0) == build_request(
+            TARGET, Delivery.from_record(decode_record(record), 0, 1))
+    assert writer.batch([small, big, small], 0, 5, 0.0) == build_batch_request(
+        TARGET, [Delivery.from_record(decode_record(r), 0, 5 + i)
+                 for i, r in enumerate((small, big, small))])
+
+
+@pytest.mark.parametrize("record, message", [
+    (b"", "not a version 1 record"),
+    (b"\x02" + bytes(13), "not a version 1 record"),
+    (encode_record(1, "topic", b"")[:13], "not a version 1 record"),
+    (encode_record(1, "topic/long", b"")[:14], "truncated record"),
+    (encode_record(1, "t", b"", msg_id=b"abc")[:17], "truncated record"),
+])
+def test_request_writer_refuses_a_broken_record(record, message):
+    with pytest.raises(ValueError, match=message):
+        request_writer(TARGET).single(record, 0, 0, 0.0)
+    with pytest.raises(ValueError, match=message):
+        request_writer(TARGET).batch([record], 0, 0, 0.0)
