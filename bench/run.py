@@ -520,6 +520,23 @@ def webhook(exe, nginx_exe, workdir, durability, batch, load):
     return result
 
 
+def ingest_only(exe, workdir, durability, load):
+    """The same-run baseline of a webhook run: pushcore without sinks, the same publishers."""
+    pushcore = None
+    try:
+        pushcore = start_pushcore(workdir, durability)
+        pub = mqttload(exe, pushcore.port, ["-t", WEBHOOK_TOPIC, "-c", "16", "-q", "1", "-s", "64",
+                                            "-w", "32", *load])
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if pushcore is not None:
+            pushcore.stop()
+    if "error" in pub:
+        return {"error": f"publisher: {pub['error']}"}
+    return {"ingest": pub["rate"]}
+
+
 def webhook_table(quick):
     """[(--only name, title, run(exe, nginx_exe, workdir, durability) -> result,
     [(row title, result field, goal or None)])], in table order.
@@ -533,6 +550,10 @@ def webhook_table(quick):
         return lambda exe, nginx_exe, workdir, durability: webhook(
             exe, nginx_exe, workdir, durability, batch, list(load))
 
+    def baseline(*load):
+        return lambda exe, nginx_exe, workdir, durability: ingest_only(exe, workdir, durability,
+                                                                       list(load))
+
     def keeps_up_at(offered):
         # Met within 5%: mqttload paces its publishes and takes its rate up to the last ack,
         # so a run that keeps up lands a little under the offered rate, and delivery under it.
@@ -543,6 +564,7 @@ def webhook_table(quick):
     one_max = f"Webhook to nginx, 1 msg/request, QoS 1, {n:,} msgs as fast as acked"
     many = "Webhook to nginx, batch 100 (NDJSON), QoS 1 at a fixed 50,000 msg/s"
     many_max = f"Webhook to nginx, batch 100 (NDJSON), QoS 1, {n:,} msgs as fast as acked"
+    alone = "Baseline, no sinks: QoS 1 at a fixed 50,000 msg/s"
     return [
         ("webhook", one, run(1, "-d", secs, "-r", "20000"),
          [(f"{one}: ingest acked msg/s", "ingest", None),
@@ -553,13 +575,21 @@ def webhook_table(quick):
          [(f"{one_max}: ingest acked msg/s", "ingest", None),
           (f"{one_max}: delivered msg/s", "rate", ("≥ 20,000", lambda m: m["rate"] >= 20_000)),
           (f"{one_max}: last delivery after the last ack (ms)", "drain_ms", None)]),
+        # What the publishers reach with no sink at all: mqttload's pacing and the fsync
+        # commit keep a fixed 50,000 msg/s a little under 50,000 on this machine, so the
+        # fixed run below is judged against this, and the goal on the run that saturates.
+        ("webhook-batch", alone, baseline("-d", secs, "-r", "50000"),
+         [(f"{alone}: ingest acked msg/s", "ingest", None)]),
         ("webhook-batch", many, run(100, "-d", secs, "-r", "50000"),
          [(f"{many}: ingest acked msg/s", "ingest", None),
-          (f"{many}: delivered msg/s", "rate", keeps_up_at(50_000)),
+          (f"{many}: delivered msg/s", "rate",
+           ("keeps up with ingest", lambda m: m["rate"] >= 0.95 * m["ingest"])),
           (f"{many}: last delivery after the last ack (ms)", "drain_ms", None)]),
         ("webhook-batch", many_max, run(100, "-n", str(n)),
          [(f"{many_max}: ingest acked msg/s", "ingest", None),
-          (f"{many_max}: delivered msg/s", "rate", None),
+          (f"{many_max}: delivered msg/s", "rate",
+           ("keeps up with ingest at ≥ 50,000",
+            lambda m: m["rate"] >= 0.95 * m["ingest"] and m["ingest"] >= 50_000)),
           (f"{many_max}: last delivery after the last ack (ms)", "drain_ms", None)]),
     ]
 
