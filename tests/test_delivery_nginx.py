@@ -384,7 +384,8 @@ def test_nginx_gets_one_request_per_message_and_batches_that_add_up(start_nginx,
 # -- b. SIGKILL in the middle of 20,000 deliveries ------------------------------------------
 
 CRASH_TOTAL = 20_000
-CRASH_KEYS = 16
+# 'key-0'..'key-31' hash to every one of the 8 partitions (16 would leave two empty).
+CRASH_KEYS = 32
 CRASH_PARTITIONS = 8
 # nginx answers 2,000 requests/s: the 20,000 take ~10 s, far longer than publishing
 # them (~1-2 s here), so the kill lands mid-delivery.
@@ -415,6 +416,7 @@ def test_sigkill_mid_delivery_of_20000_resumes_from_committed_cursors(start_ngin
     stats, hook = sink_stats(daemon, "hook")
     cursors = {p["partition"]: p["cursor"] for p in hook["per_partition"]}
     parts = {p["partition"]: p for p in stats["per_partition"]}
+    assert all(part["next"] > part["first"] for part in parts.values()), parts
 
     daemon.start()
     wait_until(lambda: len(first_deliveries(nginx.logged())) == CRASH_TOTAL, 30,
