@@ -878,6 +878,10 @@ def test_hard_max_bytes_refuses_publishes_until_the_sink_catches_up(start_daemon
         held = v3.publish("fill/v3", body("v3-held"), qos=1)
         held.wait_for_publish(1.5)
         assert not held.is_published()
+        text = daemon.cli("log", "stats", "-c", str(daemon.config_path), "--data",
+                          daemon.data_dir, check=True).stdout.decode()
+        assert f"{stats['bytes']} / {HARD_MAX} bytes kept (storage.retention.hard_max_bytes), " \
+               f"overflow: refuse" in text
 
         receiver.start()
         # Delivered records make room: the held message is stored and acked ...
