@@ -584,6 +584,7 @@ OPTIONS = {
     "storage.retention.max_age": Option(Duration(allow_zero=True), "7d"),
     "storage.retention.max_bytes": Option(Size(), 0),
     "storage.retention.hard_max_bytes": Option(Size(), 0),
+    "storage.retention.overflow": Option(Choice("refuse", "drop_oldest"), "refuse"),
     "storage.retention.check_interval": Option(Duration(), "10s"),
     "storage.batch.max_messages": Option(Integer(1, 1_000_000), 8192),
     "storage.batch.max_bytes": Option(Size(low=1), "16MiB"),

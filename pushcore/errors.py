@@ -142,6 +142,16 @@ class StoreFull(StoreError):
     """The store's map (its disk budget) is exhausted; publishes are refused."""
 
 
+class RetentionFull(StoreFull):
+    """The records would go past storage.retention.hard_max_bytes, and a sink
+    has not delivered those in the way (overflow policy ``refuse``).
+
+    Unlike a full map, only the batch's records are refused: its other
+    writes (delivery cursors, session state) were committed, so that the
+    sinks can go on and make room.
+    """
+
+
 class PartitionMismatch(StoreError):
     """The store was created with another partition count."""
 

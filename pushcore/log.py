@@ -36,8 +36,11 @@ record.  Retry and dead-letter entries carry a copy of the record, so
 retention may trim the log behind the cursors without losing them.
 
 Retention by age and by bytes never trims a record some registered sink's
-cursor has not passed; ``retention_hard_max_bytes`` (0 = off) trims past the
-cursors all the same and counts it.
+cursor has not passed.  ``retention_hard_max_bytes`` (0 = off) bounds the
+record bytes kept all the same; when the records past it are some sink's
+backlog, ``retention_overflow`` decides: ``drop_oldest`` trims them anyway
+(counted), ``refuse`` makes append_batch refuse the records that do not fit
+(RetentionFull) until the sinks move on.
 
 Offsets are contiguous per partition from 0 and never reused: trimming
 moves the head, never the tail.  The next offset of a partition is read
@@ -64,7 +67,7 @@ from struct import Struct
 import lmdb
 
 from pushcore._ingest import batch_partitions, batch_rows, id_entries, id_hash, record_fields
-from pushcore.errors import PartitionMismatch, StoreError, StoreFull
+from pushcore.errors import PartitionMismatch, RetentionFull, StoreError, StoreFull
 from pushcore.record import record_time_ms
 
 STORE_FORMAT_VERSION = 1
@@ -76,6 +79,8 @@ EXPIRE_MAX_DELETIONS = 10_000
 # session, retained, plus headroom for later features.
 _EXTRA_DBS = 16
 DURABILITY_MODES = ("fsync", "os")
+# What happens at retention_hard_max_bytes to records some sink has not passed.
+OVERFLOW_POLICIES = ("refuse", "drop_oldest")
 
 _U32 = Struct(">I")
 _U64 = Struct(">Q")
@@ -203,6 +208,10 @@ def _part_meta_key(partition):
     return b"part.p%03d" % partition
 
 
+class _NoRoom(Exception):
+    """Inside an append transaction: the batch does not fit under the hard limit."""
+
+
 class Log:
     """The store of one pushcore node.
 
@@ -210,15 +219,25 @@ class Log:
     an id seen at most this long ago is a duplicate (the bound is inclusive).
     ``retention_max_age_ms`` / ``retention_max_bytes`` (0 = off) bound the
     records kept, by record time_ms and by the sum of record sizes (values,
-    without LMDB's page overhead).  ``now_ms`` is stored as the creation time
-    of a new store.
+    without LMDB's page overhead).  ``retention_hard_max_bytes`` (0 = off) and
+    ``retention_overflow`` (one of OVERFLOW_POLICIES) are the hard limit on
+    those bytes and what happens at it (module docstring).  ``now_ms`` is
+    stored as the creation time of a new store.
+
+    ``kept_bytes`` is the sum of the record bytes kept, followed in memory so
+    that checking a batch against the hard limit reads nothing; what another
+    process sharing the environment appends is taken in at the next expire().
     """
 
     def __init__(self, path, partitions=8, map_size=1 << 30, durability="fsync",
                  dedup_window_ms=86_400_000, retention_max_age_ms=0, retention_max_bytes=0,
-                 readonly=False, now_ms=0, retention_hard_max_bytes=0):
+                 readonly=False, now_ms=0, retention_hard_max_bytes=0,
+                 retention_overflow="refuse"):
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+        if retention_overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"retention_overflow must be one of {OVERFLOW_POLICIES},"
+                             f" not {retention_overflow!r}")
         if partitions is None:
             # Readers (``pushcore log``) take the count the store was created with.
             if not readonly:
@@ -233,6 +252,8 @@ class Log:
         self.retention_max_age_ms = retention_max_age_ms
         self.retention_max_bytes = retention_max_bytes
         self.retention_hard_max_bytes = retention_hard_max_bytes
+        self.retention_overflow = retention_overflow
+        self._refuse_overflow = retention_hard_max_bytes > 0 and retention_overflow == "refuse"
         if readonly and not os.path.exists(os.path.join(self.path, "data.mdb")):
             raise StoreError(f"no store at {self.path}")
         try:
@@ -252,6 +273,7 @@ class Log:
                     self._check_meta(txn, now_ms)
                     self._open_data_dbs(txn, create=True)
                     self.next_offsets = [self._next_offset(txn, p) for p in range(partitions)]
+                    self.kept_bytes = self._kept_bytes(txn)
         except lmdb.Error as exc:
             self._env.close()
             raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
@@ -277,6 +299,7 @@ class Log:
         self._open_data_dbs(None, create=False)
         with self._env.begin() as txn:
             self.next_offsets = [self._next_offset(txn, p) for p in range(self.partitions)]
+            self.kept_bytes = self._kept_bytes(txn)
 
     def _check_meta(self, txn, now_ms):
         """Check the stored format and partition count; write them into a new store.
@@ -333,6 +356,9 @@ class Log:
         value = txn.get(self._part_keys[partition], db=self._meta)
         return _PART_META.unpack(value) if value is not None else (0, 0)
 
+    def _kept_bytes(self, txn):
+        return sum(self._part_meta(txn, p)[0] for p in range(self.partitions))
+
     def _next_offset(self, txn, partition):
         cursor = txn.cursor(self._logs[partition])
         if cursor.last():
@@ -355,9 +381,21 @@ class Log:
         transaction: session records, queued deliveries and retained messages.
         A message queued for a subscriber is therefore committed exactly when
         the publish that fills the queue is, and a duplicate fills no queue.
+
+        With the hard byte limit and overflow policy ``refuse``, records every
+        sink has passed are trimmed in the same transaction to make room for
+        the batch's.  When that is not enough because some sink has not
+        delivered the records in the way, RetentionFull is raised: none of the
+        batch's records is stored (nor its queued deliveries and retained
+        messages, which go with them), but ``ops.writes`` (delivery cursors,
+        session state) and the trimming are committed, so that the sinks can
+        go on and make room.  A batch larger than the whole limit is stored
+        once nothing else is kept: no sink's backlog is in its way.
         """
         try:
             return self._append_once(items, now_ms, ops)
+        except RetentionFull:
+            raise
         except StoreFull:
             pass
         # Seen with py-lmdb 3.0 / LMDB 0.9: after retention freed pages in one large
@@ -386,8 +424,13 @@ class Log:
         # is per partition, plus one LMDB call per item that has an id.
         touched, with_ids = batch_partitions(items, self.partitions)
         horizon = now_ms - self.dedup_window_ms
+        new_bytes = 0
         txn = self._begin_write()
         try:
+            if ops:
+                # Ahead of the records: making room for them (below) reads the
+                # cursors these may have moved.
+                self._apply_writes(txn, ops.writes)
             first_offsets = [self._next_offset(txn, partition) for partition in touched]
             duplicates = {}
             # partition -> duplicates so far: a duplicate takes no offset, so the
@@ -419,6 +462,11 @@ class Log:
                 new_hashes.append(ihash)
             results, rows_by_slot, sizes = batch_rows(items, self.partitions, touched,
                                                       first_offsets, duplicates)
+            new_bytes = sum(sizes)
+            kept = self.kept_bytes
+            if self._refuse_overflow and new_bytes and \
+                    kept + new_bytes > self.retention_hard_max_bytes:
+                kept = self._make_room(txn, now_ms, new_bytes)
             for partition, rows, size in zip(touched, rows_by_slot, sizes):
                 if not rows:
                     continue
@@ -431,8 +479,11 @@ class Log:
             if new_hashes:
                 self._index_times(txn, now_ms, new_hashes, stale_time_keys)
             if ops:
-                self._apply_ops(txn, ops, duplicates)
+                self._apply_item_ops(txn, ops, duplicates)
             txn.commit()
+        except _NoRoom:
+            txn.abort()
+            raise self._refuse_records(ops, now_ms, new_bytes) from None
         except lmdb.MapFullError as exc:
             txn.abort()
             raise StoreFull(f"store at {self.path} is full (map_size"
@@ -443,14 +494,73 @@ class Log:
         except BaseException:
             txn.abort()
             raise
+        self.kept_bytes = kept + new_bytes
         for partition, first, rows in zip(touched, first_offsets, rows_by_slot):
             self.next_offsets[partition] = first + len(rows)
         return results
 
+    def _make_room(self, txn, now_ms, new_bytes):
+        """Trim what every sink has passed until ``new_bytes`` more bytes fit under
+        the hard limit; return the bytes kept then.  _NoRoom when they do not."""
+        _, _, _, per_partition = self._trim(txn, now_ms, EXPIRE_MAX_DELETIONS, room=new_bytes)
+        kept = sum(per_partition)
+        if kept and kept + new_bytes > self.retention_hard_max_bytes:
+            raise _NoRoom
+        return kept
+
+    def _refuse_records(self, ops, now_ms, new_bytes):
+        """Commit a refused batch's writes and the room made so far; return the
+        RetentionFull to raise, naming the sinks in the way."""
+        txn = self._begin_write()
+        try:
+            if ops:
+                self._apply_writes(txn, ops.writes)
+            _, _, _, per_partition = self._trim(txn, now_ms, EXPIRE_MAX_DELETIONS, room=new_bytes)
+            behind = self._sinks_behind(txn)
+            txn.commit()
+        except lmdb.MapFullError as exc:
+            txn.abort()
+            raise StoreFull(f"store at {self.path} is full (map_size"
+                            f" {self._env.info()['map_size']} bytes)") from exc
+        except lmdb.Error as exc:
+            txn.abort()
+            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+        except BaseException:
+            txn.abort()
+            raise
+        self.kept_bytes = sum(per_partition)
+        if behind:
+            why = f"sinks behind: {', '.join(behind)}"
+        else:
+            # Only when more than one transaction's worth of delivered records is
+            # over the limit (it was lowered): expire() goes on trimming them.
+            why = "trimming the delivered records over it is not finished"
+        return RetentionFull(
+            f"storage.retention.hard_max_bytes ({self.retention_hard_max_bytes} bytes) reached"
+            f" with {self.kept_bytes} bytes of records kept and {new_bytes} more to store;"
+            f" {why} (storage.retention.overflow: refuse)")
+
+    def _sinks_behind(self, txn):
+        """Names of the sinks whose cursor has not passed some partition's oldest record."""
+        heads = []
+        for partition, db in enumerate(self._logs):
+            cursor = txn.cursor(db)
+            if cursor.first():
+                heads.append((partition, _U64.unpack(cursor.key())[0]))
+        behind = []
+        for name, sink_id in sorted(self._sink_ids(txn).items(), key=lambda item: item[1]):
+            for partition, head in heads:
+                value = txn.get(cursor_key(sink_id, partition), db=self._cursor)
+                if (_U64.unpack(value)[0] if value is not None else 0) <= head:
+                    behind.append(name)
+                    break
+        return behind
+
     def _write_ops(self, ops, duplicates):
         txn = self._begin_write()
         try:
-            self._apply_ops(txn, ops, duplicates)
+            self._apply_writes(txn, ops.writes)
+            self._apply_item_ops(txn, ops, duplicates)
             txn.commit()
         except lmdb.MapFullError as exc:
             txn.abort()
@@ -463,18 +573,21 @@ class Log:
             txn.abort()
             raise
 
-    def _apply_ops(self, txn, ops, duplicates):
-        """Write the broker's StoreOps; entries tied to a duplicate item are skipped."""
+    def _apply_writes(self, txn, writes):
+        """Write StoreOps.writes, in order."""
         dbs = {b"session": self._session, b"queue": self._queue, b"cursor": self._cursor,
                b"retry": self._retry, b"dlq": self._dlq}
-        queue_db = self._queue
-        for kind, name, key, value in ops.writes:
+        for kind, name, key, value in writes:
             if kind == OP_PUT:
                 txn.put(key, value, db=dbs[name])
             elif kind == OP_DELETE:
                 txn.delete(key, db=dbs[name])
             else:
-                self._delete_prefix(txn, queue_db, key, value)
+                self._delete_prefix(txn, self._queue, key, value)
+
+    def _apply_item_ops(self, txn, ops, duplicates):
+        """Write the StoreOps tied to the batch's items; those of a duplicate are skipped."""
+        queue_db = self._queue
         for index, key, value in ops.queued:
             if index not in duplicates:
                 txn.put(key, value, db=queue_db)
@@ -546,7 +659,7 @@ class Log:
         try:
             # Trimming first: it frees whole pages from the head of each
             # partition, where expiring ids touches pages all over `ids`.
-            records, trimmed_bytes, undelivered = self._trim(txn, now_ms, budget)
+            records, trimmed_bytes, undelivered, per_partition = self._trim(txn, now_ms, budget)
             ids_expired, id_work = self._expire_ids(txn, now_ms - self.dedup_window_ms,
                                                     budget - records)
             txn.commit()
@@ -559,6 +672,10 @@ class Log:
         except BaseException:
             txn.abort()
             raise
+        if per_partition is not None:
+            # Read from every partition's meta: this also takes in what another
+            # process sharing the environment appended.
+            self.kept_bytes = sum(per_partition)
         return {"ids_expired": ids_expired, "records_trimmed": records,
                 "bytes_trimmed": trimmed_bytes, "records_trimmed_undelivered": undelivered,
                 "more": records + id_work >= budget}
@@ -585,16 +702,21 @@ class Log:
             work += 1
         return expired, work
 
-    def _trim(self, txn, now_ms, budget):
+    def _trim(self, txn, now_ms, budget, room=None):
         """Trim partition heads by age, then by total bytes, oldest first.
 
-        Returns (records trimmed, bytes trimmed).
+        ``room`` (policy refuse, for append_batch): only trim what every sink
+        has passed, until ``room`` more bytes fit under the hard limit.
+
+        Returns (records trimmed, bytes trimmed, records trimmed that some sink
+        had not passed, record bytes kept per partition after it, or None when
+        no retention limit is set).
         """
         max_age = self.retention_max_age_ms
         max_bytes = self.retention_max_bytes
         hard_max = self.retention_hard_max_bytes
         if budget <= 0 or (max_age <= 0 and max_bytes <= 0 and hard_max <= 0):
-            return 0, 0, 0
+            return 0, 0, 0, None
         metas = [list(self._part_meta(txn, p)) for p in range(self.partitions)]
         cursors = [txn.cursor(db) for db in self._logs]
         # The first offset some sink has not passed, per partition (None: no sink).
@@ -643,23 +765,27 @@ class Log:
 
         for cursor in cursors:
             cursor.first()
-        if max_age > 0:
-            cutoff = now_ms - max_age
-            for partition in range(self.partitions):
-                while records < budget and trimmable(partition):
-                    if record_time_ms(cursors[partition].value()) >= cutoff:
-                        break
-                    trimmed_bytes += trim_head(partition)
-                    records += 1
-        if max_bytes > 0:
-            trim_by_bytes(max_bytes, True)
-        if hard_max > 0:
-            # Past the hard limit the sinks' cursors do not protect records.
-            trim_by_bytes(hard_max, False)
+        if room is not None:
+            trim_by_bytes(hard_max - room, True)
+        else:
+            if max_age > 0:
+                cutoff = now_ms - max_age
+                for partition in range(self.partitions):
+                    while records < budget and trimmable(partition):
+                        if record_time_ms(cursors[partition].value()) >= cutoff:
+                            break
+                        trimmed_bytes += trim_head(partition)
+                        records += 1
+            if max_bytes > 0:
+                trim_by_bytes(max_bytes, True)
+            if hard_max > 0:
+                # drop_oldest: past the hard limit the sinks' cursors do not protect
+                # records.  refuse: they do; append_batch refuses what does not fit.
+                trim_by_bytes(hard_max, self._refuse_overflow)
         for partition in changed:
             txn.put(self._part_keys[partition], _PART_META.pack(*metas[partition]),
                     db=self._meta)
-        return records, trimmed_bytes, undelivered
+        return records, trimmed_bytes, undelivered, [meta[0] for meta in metas]
 
     def _floors(self, txn):
         """Per partition, the lowest cursor of the registered sinks; None without sinks."""

@@ -75,20 +75,26 @@ def cmd_check_config(args):
     return 0
 
 
-def _open_readonly(args):
+def _open_readonly(args, cfg=None):
     from pushcore.log import Log
 
-    cfg = _config(args)
+    cfg = cfg or _config(args)
     return Log(cfg.storage.data_dir, partitions=None, readonly=True)
 
 
 def cmd_log_stats(args):
-    store = _open_readonly(args)
+    cfg = _config(args)
+    store = _open_readonly(args, cfg)
     try:
         stats = store.stats()
         stats["sinks"] = _sink_stats(store, stats["per_partition"])
     finally:
         store.close()
+    # The store does not hold its retention settings: these are the configuration's
+    # (-c), which is what the daemon runs with when given the same file.
+    retention = cfg.storage.retention
+    stats["hard_max_bytes"] = retention.hard_max_bytes
+    stats["overflow"] = retention.overflow
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0
@@ -97,6 +103,10 @@ def cmd_log_stats(args):
           f"ids {stats.get('ids', 0)}")
     if "map_size" in stats:
         print(f"map       {stats.get('used_bytes', 0)} / {stats['map_size']} bytes used")
+    print(f"kept      {stats['records']} records, {stats['bytes']} bytes")
+    if retention.hard_max_bytes:
+        print(f"hard max  {stats['bytes']} / {retention.hard_max_bytes} bytes kept "
+              f"(storage.retention.hard_max_bytes), overflow: {retention.overflow}")
     print(f"{'partition':>9} {'first':>12} {'next':>12} {'records':>10} {'bytes':>14}")
     for p in stats["per_partition"]:
         print(f"{p['partition']:>9} {p['first']:>12} {p['next']:>12} {p['count']:>10} {p['bytes']:>14}")

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 
-from pushcore.errors import QuotaExceeded, StoreFull
+from pushcore.errors import QuotaExceeded, RetentionFull, StoreFull
 from pushcore._ingest import RESEND_OF_REFUSED, Batch, Ingest, ack_committed, count_duplicates
 from pushcore.broker import Broker, BrokerSettings
 from pushcore.log import Log, StoreOps
@@ -156,6 +156,7 @@ class Server:
             retention_max_age_ms=int(st.retention.max_age * 1000),
             retention_max_bytes=st.retention.max_bytes,
             retention_hard_max_bytes=st.retention.hard_max_bytes,
+            retention_overflow=st.retention.overflow,
         )
         m = cfg.mqtt
         self.mqtt_settings = MQTTSettings(
@@ -185,6 +186,9 @@ class Server:
         self.globally_paused = set()
         self.store_held = None
         self.store_full_until = 0.0
+        # Whether publishes are refused at storage.retention.hard_max_bytes (rather
+        # than for a full map): which warning says when refusing starts and stops.
+        self.refusing_overflow = False
         self.draining = False
         self.expiring = False
         self.listener = None
@@ -320,14 +324,23 @@ class Server:
             # (lazily, when each next becomes readable) until this batch is committed.
             self.global_paused = True
             self.metrics["global_pauses"] += 1
+        if self.refusing_overflow and self.committing is None and self._state_pending():
+            # Refusing records at the hard limit: the cursors and session state owed go on
+            # committing at once (the sinks moving on is what makes room), the records
+            # wait for the retry.
+            self._submit(records=False)
 
     def _state_pending(self):
         """Store writes owed besides records: broker state, cursors, callbacks."""
         return bool(self.broker.ops or self.callbacks or
                     (self.engine is not None and self.engine.pending()))
 
-    def _submit(self):
-        if self.store_held is not None:
+    def _submit(self, records=True):
+        """Hand the writer a batch: the held and pending records (none when not
+        ``records``), with the store writes and callbacks owed."""
+        if not records:
+            batch = Batch()
+        elif self.store_held is not None:
             held, self.store_held = self.store_held, None
             batch = Batch()
             for proto, packet_id, qos, index in held.waiters:
@@ -377,6 +390,17 @@ class Server:
                 # A bug after the acks: logged and counted; the commits go on.
                 log.exception("after a commit of %d messages", len(results))
                 self.metrics["internal_errors"] += 1
+        elif isinstance(error, RetentionFull):
+            # Only the records were refused: the batch's other writes (cursors, session
+            # state) were committed, so the replies waiting for them go out now rather
+            # than after the refusing ends (a PINGRESP among them).
+            self.broker.refused(routes, StoreOps(), True)
+            self._refuse(batch, error)
+            try:
+                self._after_commit({}, [], callbacks)
+            except Exception:
+                log.exception("after a commit of refused records")
+                self.metrics["internal_errors"] += 1
         else:
             self.broker.refused(routes, ops or StoreOps(), isinstance(error, StoreFull))
             self.callbacks[:0] = callbacks
@@ -407,7 +431,12 @@ class Server:
             proto.transport.acks_ready()
         if self.store_full_until and batch.items:
             self.store_full_until = 0.0
-            log.warning("store has room again: accepting publishes")
+            if self.refusing_overflow:
+                self.refusing_overflow = False
+                log.warning("storage.retention.hard_max_bytes: the sinks made room; accepting "
+                            "publishes again")
+            else:
+                log.warning("store has room again: accepting publishes")
             for conn in list(self.conns.values()):
                 if conn.paused & PAUSE_STORE:
                     conn.resume(PAUSE_STORE)
@@ -431,14 +460,23 @@ class Server:
             for proto, _pid, _qos, _index in batch.waiters:
                 proto.transport.close(f"commit failed: {error}")
             return
-        if not self.store_full_until:
+        overflow = isinstance(error, RetentionFull)
+        if overflow and not self.refusing_overflow:
+            log.warning("%s: refusing publishes until the sinks catch up (MQTT 5: PUBACK 0x97; "
+                        "MQTT 3.1.1: publishers paused)", error)
+        elif not overflow and (not self.store_full_until or self.refusing_overflow):
             log.error("store full (storage.map_size %d bytes): refusing publishes until retention "
                       "frees space (MQTT 5: PUBACK 0x97; MQTT 3.1.1: publishers paused)",
                       self.cfg.storage.map_size)
+        self.refusing_overflow = overflow
+        # While refusing, each retry makes room first (Log.append_batch trims what the
+        # sinks have passed since): about once a second.
         self.store_full_until = self.loop.time() + STORE_FULL_RETRY_S
         self.loop.call_later(STORE_FULL_RETRY_S, self._retry_store)
+        cause = "overflow" if overflow else "store_full"
+        refused_key, holds_key = f"messages_refused_{cause}", f"{cause}_holds"
         held = Batch()
-        quota = QuotaExceeded("store full")
+        quota = QuotaExceeded(str(error))
         dirty = set()
         items = batch.items
         waited = 0
@@ -447,16 +485,16 @@ class Server:
                 waited += 1
             if proto.version == MQTT5:
                 if index >= 0:
-                    m["messages_refused_store_full"] += 1
+                    m[refused_key] += 1
                 proto.refused(packet_id, qos, quota)
                 dirty.add(proto)
             elif index >= 0:
-                m["store_full_holds"] += 1
+                m[holds_key] += 1
                 held.add(*items[index], proto, packet_id, qos)
                 proto.transport.pause(PAUSE_STORE)
             else:
                 held.add_ack_only(proto, packet_id, qos)
-        m["messages_dropped_store_full_qos0"] += len(items) - waited
+        m[f"messages_dropped_{cause}_qos0"] += len(items) - waited
         self._refuse_resends(batch)
         if len(held):
             self.store_held = held

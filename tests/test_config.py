@@ -58,6 +58,8 @@ def test_defaults_without_file():
     assert cfg.storage.durability == "fsync"
     assert cfg.storage.retention.max_age == 7 * 86400.0
     assert cfg.storage.retention.max_bytes == 0
+    assert cfg.storage.retention.hard_max_bytes == 0
+    assert cfg.storage.retention.overflow == "refuse"
     assert cfg.storage.retention.check_interval == 10.0
     assert cfg.storage.batch.max_messages == 8192
     assert cfg.storage.batch.max_bytes == 16 << 20
@@ -289,6 +291,13 @@ def test_bad_enum_lists_allowed_values(write, key, value, allowed):
     path = write(f"{section}:\n  {name}: {value}\n")
     err = load_error(path)
     assert str(err) == f"{path}:2: {key}: expected one of {allowed}; got {value!r}"
+
+
+def test_bad_overflow_policy_lists_allowed_values(write):
+    path = write("storage:\n  retention:\n    overflow: block\n")
+    err = load_error(path)
+    assert str(err) == (f"{path}:3: storage.retention.overflow: expected one of refuse, "
+                        f"drop_oldest; got 'block'")
 
 
 def test_bad_bool(write):

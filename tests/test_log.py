@@ -544,6 +544,7 @@ class LogMachine(RuleBasedStateMachine):
         assert stats["ids"] == len(self.ids)
         assert stats["records"] == sum(len(kept) for kept in self.records)
         assert stats["bytes"] == stats["records"] * self.size
+        assert self.log.kept_bytes == stats["bytes"]
 
     def teardown(self):
         if self.log is not None:

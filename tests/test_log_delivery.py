@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pushcore._ingest import select_records
-from pushcore.errors import StoreError
+from pushcore.errors import RetentionFull, StoreError
 from pushcore.log import (
     OP_DELETE,
     OP_PUT,
@@ -125,15 +125,144 @@ def test_retention_waits_for_every_sinks_cursor(tmp_env):
         assert log.first_offset(1) == 0
 
 
-def test_hard_byte_limit_trims_past_the_cursors_and_counts_it(tmp_env):
+def test_hard_byte_limit_drop_oldest_trims_past_the_cursors_and_counts_it(tmp_env):
     size = len(rec(0))
-    with open_log(tmp_env, retention_max_bytes=size, retention_hard_max_bytes=3 * size) as log:
+    with open_log(tmp_env, retention_max_bytes=size, retention_hard_max_bytes=3 * size,
+                  retention_overflow="drop_oldest") as log:
         log.register_sinks(["slow"])
-        log.append_batch([(0, None, rec(t)) for t in range(6)], now_ms=10)
+        # Nothing is refused: past the limit is expire's business.
+        log.append_batch([(0, None, rec(t)) for t in range(4)], now_ms=10)
+        log.append_batch([(0, None, rec(t)) for t in range(4, 6)], now_ms=10)
         result = log.expire(now_ms=10)
         # max_bytes waits for the sink (it read nothing); the hard limit does not.
         assert (result["records_trimmed"], result["records_trimmed_undelivered"]) == (3, 3)
         assert [decode_record(v).time_ms for _, v in log.read(0)] == [3, 4, 5]
+        assert log.kept_bytes == log.stats()["bytes"] == 3 * size
+
+
+# -- the hard byte limit with overflow: refuse -------------------------------------------
+
+
+def times(log, partition):
+    return [decode_record(v).time_ms for _, v in log.read(partition)]
+
+
+def cursor_at(sink_id, partition, offset):
+    return (OP_PUT, b"cursor", cursor_key(sink_id, partition), cursor_value(offset))
+
+
+def test_refuse_raises_naming_the_limit_and_the_sinks_behind(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env, retention_hard_max_bytes=4 * size) as log:
+        assert log.retention_overflow == "refuse"
+        log.register_sinks(["fast", "slow"])
+        log.append_batch([(0, None, rec(t)) for t in range(3)] + [(1, None, rec(3))], now_ms=10)
+        # fast has passed everything, slow nothing.
+        log.append_batch([], now_ms=10, ops=writes(cursor_at(1, 0, 3), cursor_at(1, 1, 1)))
+        with pytest.raises(RetentionFull) as refused:
+            log.append_batch([(1, None, rec(4))], now_ms=11)
+        assert str(refused.value) == (
+            f"storage.retention.hard_max_bytes ({4 * size} bytes) reached with {4 * size}"
+            f" bytes of records kept and {size} more to store; sinks behind: slow"
+            f" (storage.retention.overflow: refuse)")
+        # Nothing of the batch is stored; what was there stays.
+        assert log.next_offsets == [3, 1]
+        assert (times(log, 0), times(log, 1)) == ([0, 1, 2], [3])
+        assert log.kept_bytes == log.stats()["bytes"] == 4 * size
+        # Refused the same way after a reopen (the kept bytes come from the store).
+        log.close()
+        log.__init__(tmp_env, partitions=2, map_size=16 * MiB, durability="os",
+                     retention_hard_max_bytes=4 * size)
+        assert log.kept_bytes == 4 * size
+        with pytest.raises(RetentionFull):
+            log.append_batch([(0, None, rec(5))], now_ms=12)
+
+
+def test_refuse_makes_room_from_what_every_sink_has_passed(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env, retention_hard_max_bytes=4 * size) as log:
+        log.register_sinks(["a", "b"])
+        # Over the limit from the start: an empty store takes any batch (no sink's
+        # backlog is in its way).
+        log.append_batch([(0, None, rec(t)) for t in (0, 2, 4)] +
+                         [(1, None, rec(t)) for t in (1, 3)], now_ms=10)
+        assert log.kept_bytes == 5 * size
+        # Both sinks passed offsets 0..1 of partition 0 and 0 of partition 1; b is
+        # behind on 2 (time 4) and 1 (time 3).
+        log.append_batch([], now_ms=10, ops=writes(
+            cursor_at(1, 0, 3), cursor_at(1, 1, 2), cursor_at(2, 0, 2), cursor_at(2, 1, 1)))
+        # Two more records need room for three: the oldest delivered ones go first
+        # (times 0, 1, 2), in the same transaction as the append.
+        assert log.append_batch([(0, None, rec(5)), (1, None, rec(6))], now_ms=11) == [
+            (0, 3, False), (1, 2, False)]
+        assert (times(log, 0), times(log, 1)) == ([4, 5], [3, 6])
+        assert log.kept_bytes == log.stats()["bytes"] == 4 * size
+        # Nothing left that both have passed: refused until b moves on.
+        with pytest.raises(RetentionFull, match="sinks behind: b "):
+            log.append_batch([(0, None, rec(7))], now_ms=12)
+        # The refused batch's own cursor writes count: b passing partition 1's time 3
+        # makes room for the batch that carries that news.
+        assert log.append_batch([(0, None, rec(7))], now_ms=12,
+                                ops=writes(cursor_at(2, 1, 2))) == [(0, 4, False)]
+        assert (times(log, 0), times(log, 1)) == ([4, 5, 7], [6])
+        # Retention by expire() never takes what a sink has not passed under refuse.
+        result = log.expire(now_ms=10_000)
+        assert (result["records_trimmed"], result["records_trimmed_undelivered"]) == (0, 0)
+
+
+def test_refuse_commits_cursor_and_session_writes_while_refusing(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env, retention_hard_max_bytes=2 * size) as log:
+        log.register_sinks(["hook"])
+        log.append_batch([(0, None, rec(0)), (0, None, rec(1))], now_ms=10)
+        # A refused batch: its records and what goes with them (a queued delivery)
+        # are not written, its other writes are.
+        ops = writes(cursor_at(1, 1, 0), (OP_PUT, b"session", b"client", b"{}"))
+        ops.queued.append((0, b"\x00\x01q" + bytes(8), b"copy"))
+        with pytest.raises(RetentionFull):
+            log.append_batch([(0, None, rec(2))], now_ms=11, ops=ops)
+        assert log.cursors() == {(1, 1): 0}
+        assert log.queue("q") == []
+        assert log.next_offsets[0] == 2
+        # A cursor-only write commits while the store is refusing records ...
+        log.append_batch([], now_ms=11, ops=writes(cursor_at(1, 0, 1)))
+        assert log.cursors() == {(1, 0): 1, (1, 1): 0}
+        # ... and the room it makes is used by the next batch.
+        assert log.append_batch([(0, None, rec(2))], now_ms=12) == [(0, 2, False)]
+        assert times(log, 0) == [1, 2]
+
+
+def test_refuse_stores_duplicates_and_a_batch_larger_than_the_limit(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env, retention_hard_max_bytes=2 * size) as log:
+        log.register_sinks(["hook"])
+        # Nothing else kept: no sink's backlog is in the way of an oversized batch.
+        first = log.append_batch([(0, b"i" * 16, rec(0)), (0, None, rec(1)), (0, None, rec(2))],
+                                 now_ms=10)
+        assert first == [(0, 0, False), (0, 1, False), (0, 2, False)]
+        with pytest.raises(RetentionFull):
+            log.append_batch([(0, None, rec(3))], now_ms=11)
+        # A duplicate stores nothing, so it needs no room: acked as before.
+        assert log.append_batch([(0, b"i" * 16, rec(4))], now_ms=11) == [(0, 0, True)]
+
+
+def test_refuse_expire_trims_delivered_records_over_a_lowered_limit(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env) as log:
+        log.register_sinks(["hook"])
+        log.append_batch([(0, None, rec(t)) for t in range(6)], now_ms=10,
+                         ops=writes(cursor_at(1, 0, 4)))
+    with open_log(tmp_env, retention_hard_max_bytes=size) as log:
+        result = log.expire(now_ms=10)
+        # Down to the limit by the delivered records only; the two undelivered stay.
+        assert (result["records_trimmed"], result["records_trimmed_undelivered"]) == (4, 0)
+        assert times(log, 0) == [4, 5]
+        assert log.kept_bytes == 2 * size
+
+
+def test_overflow_policy_is_checked(tmp_env):
+    with pytest.raises(ValueError, match="retention_overflow"):
+        open_log(tmp_env, retention_overflow="drop_newest")
 
 
 def test_without_sinks_retention_is_as_before(tmp_env):
