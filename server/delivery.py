@@ -599,7 +599,10 @@ class HTTPConnection:
         self.request_bytes = None
         self.parser = None
         self.response = None
+        # The connect timeout, then one response timer for the connection's life,
+        # re-armed by each request (cheaper than a timer per request).
         self.timer = None
+        self.response_timer = None
         self.buf = bytearray()
         self.reading = False
         self.writing = False
@@ -616,8 +619,7 @@ class HTTPConnection:
             self._connect()
             return
         self.reused = True
-        self.timer = self.loop.call_later(self.transport.response_timeout, self._timeout,
-                                          "response_timeout")
+        self._arm_response_timer()
         self._flush()
 
     def _connect(self):
@@ -652,11 +654,17 @@ class HTTPConnection:
             return
         self.connected = True
         self.timer.cancel()
-        self.timer = self.loop.call_later(self.transport.response_timeout, self._timeout,
-                                          "response_timeout")
+        self._arm_response_timer()
         self.reading = True
         self.loop.add_reader(self.fd, self._on_readable)
         self._flush()
+
+    def _arm_response_timer(self):
+        if self.response_timer is None:
+            self.response_timer = self.loop.call_later(self.transport.response_timeout,
+                                                       self._timeout, "response_timeout")
+        else:
+            self.response_timer.reset(self.transport.response_timeout)
 
     def _flush(self):
         try:
@@ -741,7 +749,8 @@ class HTTPConnection:
     def _complete(self, keep=True):
         response = self.response
         done, self.done = self.done, None
-        self.timer.cancel()
+        # The response timer is left armed: the next request re-arms it, and on an
+        # idle connection it does nothing (_timeout).
         outcome = classify(response.status, response.headers, time.time(),
                            self.transport.sink.policy)
         if keep and response.keep_alive and not self.buf:
@@ -751,6 +760,8 @@ class HTTPConnection:
         done(outcome, response.status)
 
     def _timeout(self, kind):
+        if self.done is None:
+            return
         seconds = self.transport.connect_timeout if kind == "connect_timeout" \
             else self.transport.response_timeout
         self._fail(kind, f"no answer within {seconds:g} s")
@@ -764,6 +775,8 @@ class HTTPConnection:
     def close(self):
         if self.timer is not None:
             self.timer.cancel()
+        if self.response_timer is not None:
+            self.response_timer.cancel()
         if self.sock is not None:
             if self.reading:
                 self.loop.remove_reader(self.fd)
