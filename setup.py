@@ -6,6 +6,7 @@ extensions = [
     Extension("pushcore._frame", ["pushcore/_frame.pyx"], extra_compile_args=["-O2"]),
     Extension("pushcore._ingest", ["pushcore/_ingest.pyx"], extra_compile_args=["-O2"]),
     Extension("pushcore._http", ["pushcore/_http.pyx"], extra_compile_args=["-O2"]),
+    Extension("server._io", ["server/_io.pyx"], extra_compile_args=["-O2"]),
 ]
 
 directives = {

@@ -40,6 +40,7 @@ import logging
 import socket
 
 from pushcore.mqtt import STATE_CLOSED, STATE_CONNECTED, MQTTServerConnection
+from server import _io
 
 PAUSE_INFLIGHT = 1
 PAUSE_OUTBUF = 2
@@ -101,7 +102,8 @@ class Connection:
             self.rend = len(tail)
         rend = self.rend
         try:
-            n = self.sock.recv_into(self.rview[rend:])
+            # server/_io keeps the GIL: a non-blocking recv never waits.
+            n = _io.recv_into(self.fd, self.rview[rend:])
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -236,7 +238,7 @@ class Connection:
         if not out or self.closed:
             return
         try:
-            n = self.sock.send(out)
+            n = _io.send(self.fd, out)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as err:

@@ -58,6 +58,7 @@ from pushcore.webhook import (
     request_writer,
     retry_delay,
 )
+from server import _io
 
 log = logging.getLogger("pushcore.delivery")
 
@@ -271,6 +272,10 @@ class Sink:
         while True:
             if ps.pos >= len(ps.rows):
                 start = first + len(records) if records else ps.next
+                if start >= self.store.next_offsets[ps.partition]:
+                    # Caught up: no read transaction for nothing; the next commit in
+                    # this partition wakes it (Engine.committed).
+                    break
                 ps.rows = self.store.read_raw(ps.partition, start, READ_CHUNK)
                 ps.pos = 0
                 if not ps.rows:
@@ -668,7 +673,8 @@ class HTTPConnection:
 
     def _flush(self):
         try:
-            n = self.sock.send(self.out)
+            # server/_io keeps the GIL: a non-blocking send never waits.
+            n = _io.send(self.fd, self.out)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as exc:
@@ -687,7 +693,7 @@ class HTTPConnection:
 
     def _on_readable(self):
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = _io.recv(self.fd, RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
