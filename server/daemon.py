@@ -43,6 +43,10 @@ STORE_FULL_RETRY_S = 1.0
 # Deletions per expire job on the loop thread (durability os): the store's default
 # bound of 10,000 was measured at ~11 ms of stalled reactor.
 INLINE_EXPIRE_MAX = 500
+# Durability os: the least time between two commits on the loop thread, and the
+# batch that commits at once regardless (see Server._inline_wait).
+INLINE_COMMIT_GAP_S = 0.001
+INLINE_COMMIT_BATCH = 256
 # How long the listener is not watched after accept() failed (out of descriptors).
 ACCEPT_BACKOFF_S = 0.1
 
@@ -186,6 +190,7 @@ class Server:
         self.globally_paused = set()
         self.store_held = None
         self.store_full_until = 0.0
+        self.last_inline_commit = 0.0
         # Whether publishes are refused at storage.retention.hard_max_bytes (rather
         # than for a full map): which warning says when refusing starts and stops.
         self.refusing_overflow = False
@@ -317,7 +322,11 @@ class Server:
         batch = ingest.batch
         if (len(batch) or self.store_held is not None or self._state_pending()) \
                 and self.committing is None and self.loop.time() >= self.store_full_until:
-            self._submit()
+            wait = self._inline_wait(batch)
+            if wait > 0:
+                self.loop.poll_within(wait)
+            else:
+                self._submit()
         elif (len(batch.items) >= self.batch_max_messages or batch.nbytes >= self.batch_max_bytes) \
                 and not self.global_paused:
             # Global backpressure: the writer is behind; connections stop being read
@@ -329,6 +338,19 @@ class Server:
             # committing at once (the sinks moving on is what makes room), the records
             # wait for the retry.
             self._submit(records=False)
+
+    def _inline_wait(self, batch):
+        """How long a commit on the loop thread (durability os) is put off, or 0.
+
+        The loop commits at the end of an iteration; one woken many times a
+        millisecond (a webhook response per delivery) would commit a record or
+        two each time, and those commits, not the work, would take the loop.
+        So a small batch waits until INLINE_COMMIT_GAP_S after the last commit;
+        the poll returns by then, and the acks are at most that much later.
+        """
+        if not self.writer.inline or self.draining or len(batch) >= INLINE_COMMIT_BATCH:
+            return 0.0
+        return self.last_inline_commit + INLINE_COMMIT_GAP_S - time.monotonic()
 
     def _state_pending(self):
         """Store writes owed besides records: broker state, cursors, callbacks."""
@@ -369,6 +391,7 @@ class Server:
             self.broker.abort_route()
             routes = {}
         self.committing = batch
+        self.last_inline_commit = time.monotonic()
         self.committing_routes = routes
         ops = self.committing_ops = self.broker.take_ops()
         if self.engine is not None:

@@ -68,6 +68,8 @@ _logger = logging.getLogger("pushcore.loop")
 # minutes) stays in its slot and is passed over until its round comes.  The
 # slot count is a power of two so that the slot is ``tick & _SLOT_MASK``.
 _TICKS_PER_SECOND = 100
+# No cap on a poll's wait beyond the timers' own (poll_within lowers it).
+_MAX_POLL_S = float("inf")
 _WHEEL_SLOTS = 4096
 _SLOT_MASK = _WHEEL_SLOTS - 1
 
@@ -189,6 +191,8 @@ class EventLoop:
         self._running = False
         self._stopping = False
         self._closed = False
+        # The longest the next poll may wait (poll_within); reset after each poll.
+        self._poll_cap = _MAX_POLL_S
         self._wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.add_reader(self._wakeup_fd, self._drain_wakeup)
 
@@ -256,6 +260,12 @@ class EventLoop:
     def time(self):
         """The monotonic time cached for this iteration (refreshed after each poll)."""
         return self._now
+
+    def poll_within(self, delay_s):
+        """Have this iteration's poll return within ``delay_s``: for a before_sleep
+        hook that put off work it must come back to sooner than a timer tick."""
+        if delay_s < self._poll_cap:
+            self._poll_cap = delay_s
 
     def _run_timers(self, now_tick):
         wheel = self._wheel
@@ -361,8 +371,11 @@ class EventLoop:
                     timeout = 0.0
                 else:
                     timeout = self._next_tick / _TICKS_PER_SECOND - monotonic()
+                    if timeout > self._poll_cap:
+                        timeout = self._poll_cap
                     if timeout < 0.0:
                         timeout = 0.0
+                self._poll_cap = _MAX_POLL_S
                 events = poll(timeout, _MAX_EVENTS)
                 self._now = monotonic()
                 if removed:

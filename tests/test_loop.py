@@ -612,3 +612,40 @@ def test_callback_exceptions_are_logged_and_the_loop_continues(loop, pair, caplo
     messages = {str(r.exc_info[1]) for r in records}
     assert {"boom in soon", "boom in timer", "boom in before_sleep", "boom in reader"} <= messages
     assert all(r.exc_info is not None for r in records)
+
+
+def test_poll_within_wakes_the_loop_sooner_than_a_tick(loop):
+    # A hook that put work off asks for the poll to return within 1 ms; with no
+    # timer or event due, the loop would otherwise sleep up to its longest wait.
+    starts = []
+
+    def hook():
+        starts.append(time.monotonic())
+        if len(starts) < 20:
+            loop.poll_within(0.001)
+
+    loop.add_before_sleep(hook)
+    loop.call_later(0.5, loop.stop)
+    loop.run()
+    # Twenty quick iterations, then one that slept until the stop timer.
+    gaps = [b - a for a, b in zip(starts, starts[1:20])]
+    assert len(starts) >= 20
+    assert max(gaps) < TICK / 2 + SCHEDULING_SLACK
+    assert starts[-1] - starts[19] > 0.3
+
+
+def test_poll_within_lasts_one_iteration(loop):
+    waits = []
+
+    def hook():
+        waits.append(time.monotonic())
+        if len(waits) == 1:
+            loop.poll_within(0.0)
+
+    loop.add_before_sleep(hook)
+    loop.call_later(0.2, loop.stop)
+    loop.run()
+    # The cap made the first poll return at once; after it the loop slept until
+    # the stop timer (a cap that stayed would have made it spin).
+    assert len(waits) <= 3
+    assert waits[-1] - waits[0] > 0.15
