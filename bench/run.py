@@ -508,7 +508,8 @@ def webhook(exe, nginx_exe, workdir, durability, batch, load):
     if last_ms <= first_ms:
         return {"error": f"{access.delivered:,} messages delivered within one millisecond"}
     latencies = sorted(end - record for end, record, _n in access.requests if record is not None)
-    result = {"ingest": pub["rate"], "acked": pub["acked"], "delivered": access.delivered,
+    result = {"ingest": pub["rate"], "ack_p99_ms": pub["p99_us"] / 1000,
+              "acked": pub["acked"], "delivered": access.delivered,
               "requests": len(access.requests),
               "rate": access.delivered * 1000 / (last_ms - first_ms),
               # Delivery that ended before mqttload had exited (its disconnect, its report)
@@ -570,7 +571,10 @@ def webhook_table(quick):
          [(f"{one}: ingest acked msg/s", "ingest", None),
           (f"{one}: delivered msg/s", "rate", keeps_up_at(20_000)),
           (f"{one}: publish→delivery p50 (ms)", "p50_ms", None),
-          (f"{one}: publish→delivery p99 (ms)", "p99_ms", ("≤ 20", lambda m: m["p99_ms"] <= 20))]),
+          (f"{one}: publish→delivery p99 (ms)", "p99_ms", ("≤ 20", lambda m: m["p99_ms"] <= 20)),
+          # A record is delivered after its commit: the publishers' ack p99 in the same run
+          # (the commit and its fdatasync) is a floor under publish→delivery.
+          (f"{one}: publish→ack p99, the commit (ms)", "ack_p99_ms", None)]),
         ("webhook", one_max, run(1, "-n", str(n)),
          [(f"{one_max}: ingest acked msg/s", "ingest", None),
           (f"{one_max}: delivered msg/s", "rate", ("≥ 20,000", lambda m: m["rate"] >= 20_000)),
@@ -783,7 +787,11 @@ def main():
         "publish→delivery is the time nginx answered minus the record's time in pushcore "
         "(X-Pushcore-Time, ms resolution), for single-message requests only (a batch carries no "
         "time).  A fixed-rate run keeps up when its ingest is within 5% of the offered rate and "
-        "its delivered rate within 5% of its ingest.",
+        "its delivered rate within 5% of its ingest.  The baseline row is pushcore with no sink "
+        "under the same publishers, in the same run: what ingest reaches without delivery.  The "
+        "batch goal (keep up at ≥ 50,000 msg/s) is judged on the run that publishes as fast as "
+        "acks come back, since the fixed 50,000 msg/s run stays a little under 50,000 even "
+        "without a sink (mqttload paces each connection and waits for the fsync'd acks).",
         "",
         "| measure | Mosquitto | pushcore | ratio (pushcore / Mosquitto) |",
         "|---|---:|---:|---:|",
