@@ -58,6 +58,7 @@ Thread use: one writer thread calls append_batch/expire; any thread may call
 the read methods, each of which uses its own read transaction.
 """
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -425,75 +426,63 @@ class Log:
         touched, with_ids = batch_partitions(items, self.partitions)
         horizon = now_ms - self.dedup_window_ms
         new_bytes = 0
-        txn = self._begin_write()
         try:
-            if ops:
-                # Ahead of the records: making room for them (below) reads the
-                # cursors these may have moved.
-                self._apply_writes(txn, ops.writes)
-            first_offsets = [self._next_offset(txn, partition) for partition in touched]
-            duplicates = {}
-            # partition -> duplicates so far: a duplicate takes no offset, so the
-            # later items of its partition move down.
-            behind = {}
-            new_hashes = []
-            stale_time_keys = []
-            id_items = id_entries(items, self.partitions, touched, first_offsets,
-                                  now_ms) if with_ids else ()
-            put = txn.put
-            ids_db = self._ids
-            for index, partition, offset, ihash, entry in id_items:
-                if behind and partition in behind:
-                    entry = _ID_ENTRY.pack(partition, offset - behind[partition], now_ms)
-                # Insert-if-absent is the dedup lookup: one B-tree descent, and
-                # an earlier item of this batch is found like an earlier commit.
-                # Positional (key, value, dupdata, overwrite=False, append, db): py-lmdb
-                # parses keywords noticeably slower, and this runs once per id.
-                if not put(ihash, entry, True, False, False, ids_db):
-                    stored = txn.get(ihash, db=ids_db)
-                    stored_partition, stored_offset, stored_ms = _ID_ENTRY.unpack(stored)
-                    if stored_ms >= horizon:
-                        duplicates[index] = (stored_partition, stored_offset, True)
-                        behind[partition] = behind.get(partition, 0) + 1
+            with self._writing("append to") as txn:
+                if ops:
+                    # Ahead of the records: making room for them (below) reads the
+                    # cursors these may have moved.
+                    self._apply_writes(txn, ops.writes)
+                first_offsets = [self._next_offset(txn, partition) for partition in touched]
+                duplicates = {}
+                # partition -> duplicates so far: a duplicate takes no offset, so the
+                # later items of its partition move down.
+                behind = {}
+                new_hashes = []
+                stale_time_keys = []
+                id_items = id_entries(items, self.partitions, touched, first_offsets,
+                                      now_ms) if with_ids else ()
+                put = txn.put
+                ids_db = self._ids
+                for index, partition, offset, ihash, entry in id_items:
+                    if behind and partition in behind:
+                        entry = _ID_ENTRY.pack(partition, offset - behind[partition], now_ms)
+                    # Insert-if-absent is the dedup lookup: one B-tree descent, and
+                    # an earlier item of this batch is found like an earlier commit.
+                    # Positional (key, value, dupdata, overwrite=False, append, db): py-lmdb
+                    # parses keywords noticeably slower, and this runs once per id.
+                    if not put(ihash, entry, True, False, False, ids_db):
+                        stored = txn.get(ihash, db=ids_db)
+                        stored_partition, stored_offset, stored_ms = _ID_ENTRY.unpack(stored)
+                        if stored_ms >= horizon:
+                            duplicates[index] = (stored_partition, stored_offset, True)
+                            behind[partition] = behind.get(partition, 0) + 1
+                            continue
+                        # Outside the window: store again; its old expiry entry goes.
+                        stale_time_keys.append(stored[_ID_TIME] + ihash)
+                        put(ihash, entry, db=ids_db)
+                    new_hashes.append(ihash)
+                results, rows_by_slot, sizes = batch_rows(items, self.partitions, touched,
+                                                          first_offsets, duplicates)
+                new_bytes = sum(sizes)
+                kept = self.kept_bytes
+                if self._refuse_overflow and new_bytes and \
+                        kept + new_bytes > self.retention_hard_max_bytes:
+                    kept = self._make_room(txn, now_ms, new_bytes)
+                for partition, rows, size in zip(touched, rows_by_slot, sizes):
+                    if not rows:
                         continue
-                    # Outside the window: store again; its old expiry entry goes.
-                    stale_time_keys.append(stored[_ID_TIME] + ihash)
-                    put(ihash, entry, db=ids_db)
-                new_hashes.append(ihash)
-            results, rows_by_slot, sizes = batch_rows(items, self.partitions, touched,
-                                                      first_offsets, duplicates)
-            new_bytes = sum(sizes)
-            kept = self.kept_bytes
-            if self._refuse_overflow and new_bytes and \
-                    kept + new_bytes > self.retention_hard_max_bytes:
-                kept = self._make_room(txn, now_ms, new_bytes)
-            for partition, rows, size in zip(touched, rows_by_slot, sizes):
-                if not rows:
-                    continue
-                consumed, added = txn.cursor(self._logs[partition]).putmulti(rows, append=True)
-                if added != consumed:
-                    raise StoreError(f"log.p{partition:03d}: append out of key order")
-                kept_bytes, trim_mark = self._part_meta(txn, partition)
-                txn.put(self._part_keys[partition], _PART_META.pack(kept_bytes + size, trim_mark),
-                        db=self._meta)
-            if new_hashes:
-                self._index_times(txn, now_ms, new_hashes, stale_time_keys)
-            if ops:
-                self._apply_item_ops(txn, ops, duplicates)
-            txn.commit()
+                    consumed, added = txn.cursor(self._logs[partition]).putmulti(rows, append=True)
+                    if added != consumed:
+                        raise StoreError(f"log.p{partition:03d}: append out of key order")
+                    kept_bytes, trim_mark = self._part_meta(txn, partition)
+                    txn.put(self._part_keys[partition],
+                            _PART_META.pack(kept_bytes + size, trim_mark), db=self._meta)
+                if new_hashes:
+                    self._index_times(txn, now_ms, new_hashes, stale_time_keys)
+                if ops:
+                    self._apply_item_ops(txn, ops, duplicates)
         except _NoRoom:
-            txn.abort()
             raise self._refuse_records(ops, now_ms, new_bytes) from None
-        except lmdb.MapFullError as exc:
-            txn.abort()
-            raise StoreFull(f"store at {self.path} is full (map_size"
-                            f" {self._env.info()['map_size']} bytes)") from exc
-        except lmdb.Error as exc:
-            txn.abort()
-            raise StoreError(f"append to {self.path} failed: {exc}") from exc
-        except BaseException:
-            txn.abort()
-            raise
         self.kept_bytes = kept + new_bytes
         for partition, first, rows in zip(touched, first_offsets, rows_by_slot):
             self.next_offsets[partition] = first + len(rows)
@@ -511,23 +500,11 @@ class Log:
     def _refuse_records(self, ops, now_ms, new_bytes):
         """Commit a refused batch's writes and the room made so far; return the
         RetentionFull to raise, naming the sinks in the way."""
-        txn = self._begin_write()
-        try:
+        with self._writing("write to") as txn:
             if ops:
                 self._apply_writes(txn, ops.writes)
             _, _, _, per_partition = self._trim(txn, now_ms, EXPIRE_MAX_DELETIONS, room=new_bytes)
             behind = self._sinks_behind(txn)
-            txn.commit()
-        except lmdb.MapFullError as exc:
-            txn.abort()
-            raise StoreFull(f"store at {self.path} is full (map_size"
-                            f" {self._env.info()['map_size']} bytes)") from exc
-        except lmdb.Error as exc:
-            txn.abort()
-            raise StoreError(f"write to {self.path} failed: {exc}") from exc
-        except BaseException:
-            txn.abort()
-            raise
         self.kept_bytes = sum(per_partition)
         if behind:
             why = f"sinks behind: {', '.join(behind)}"
@@ -557,10 +534,18 @@ class Log:
         return behind
 
     def _write_ops(self, ops, duplicates):
-        txn = self._begin_write()
-        try:
+        with self._writing("write to") as txn:
             self._apply_writes(txn, ops.writes)
             self._apply_item_ops(txn, ops, duplicates)
+
+    @contextlib.contextmanager
+    def _writing(self, what):
+        """A write transaction, committed when the block ends and aborted when it
+        raises; LMDB's errors come out as StoreFull (the map is full) or as
+        StoreError saying ``what`` failed ("append to", "write to")."""
+        txn = self._begin_write()
+        try:
+            yield txn
             txn.commit()
         except lmdb.MapFullError as exc:
             txn.abort()
@@ -568,7 +553,7 @@ class Log:
                             f" {self._env.info()['map_size']} bytes)") from exc
         except lmdb.Error as exc:
             txn.abort()
-            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+            raise StoreError(f"{what} {self.path} failed: {exc}") from exc
         except BaseException:
             txn.abort()
             raise

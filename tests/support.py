@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from pushcore.client import Client
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,3 +92,46 @@ class Daemon:
 
     def cli(self, *args, **kw):
         return subprocess.run(pushcore_cmd(*args), cwd=ROOT, capture_output=True, timeout=120, **kw)
+
+
+# -- delivery tests (test_delivery.py, test_delivery_nginx.py) ---------------------
+
+
+def delivery_config(sinks, routes, partitions=4, retention=None):
+    """The daemon's YAML (JSON is YAML) with ``sinks`` and ``routes`` [(filter, sink)]."""
+    storage = {"partitions": partitions}
+    if retention is not None:
+        storage["retention"] = retention
+    return json.dumps({"storage": storage, "sinks": sinks,
+                       "routes": [{"filter": f, "sink": s} for f, s in routes]})
+
+
+def publish(daemon, messages, client_id="publisher"):
+    """Publish (topic, payload, msg_id, key) tuples at QoS 1; return once all are acked."""
+    with Client(port=daemon.port, client_id=client_id, max_inflight=256) as client:
+        for topic, payload, msg_id, key in messages:
+            client.publish(topic, payload, qos=1, msg_id=msg_id, key=key)
+        assert client.flush(timeout=60)
+        assert client.stats["failed"] == 0, client.stats
+        assert client.stats["acked"] == len(messages), client.stats
+
+
+def wait_until(predicate, timeout, what, daemon=None):
+    """Poll ``predicate`` until it is truthy (returned) or ``timeout`` s pass (fail,
+    with the daemon's log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            log = f"\ndaemon log:\n{daemon.log()[-4000:]}" if daemon is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{log}")
+        time.sleep(0.02)
+
+
+def sink_stats(daemon, name):
+    """`pushcore log stats --json`, and the entry of sink ``name`` in it."""
+    out = daemon.cli("log", "stats", "--json", "--data", daemon.data_dir, check=True)
+    stats = json.loads(out.stdout)
+    return stats, next(s for s in stats["sinks"] if s["name"] == name)

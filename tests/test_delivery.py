@@ -24,9 +24,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from pushcore.client import Client
 from pushcore.webhook import sign
-from support import Daemon, free_port
+from support import Daemon, delivery_config, free_port, publish, sink_stats, wait_until
 
 # Standard Webhooks §Signature scheme: "whsec_" + the base64 of the key.
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -179,13 +178,6 @@ def webhook(receiver, **options):
     return {"type": "webhook", "url": receiver.url, "retry": dict(FAST_RETRY), **options}
 
 
-def delivery_config(sinks, routes, partitions=4, retention=None):
-    """The daemon's YAML (JSON is YAML) with ``sinks`` and ``routes`` [(filter, sink)]."""
-    storage = {"partitions": partitions}
-    if retention is not None:
-        storage["retention"] = retention
-    return json.dumps({"storage": storage, "sinks": sinks,
-                       "routes": [{"filter": f, "sink": s} for f, s in routes]})
 
 
 @pytest.fixture
@@ -210,25 +202,8 @@ def start_daemon(tmp_path):
         daemon.kill()
 
 
-def publish(daemon, messages, client_id="publisher"):
-    """Publish (topic, payload, msg_id, key) tuples at QoS 1; return once all are acked."""
-    with Client(port=daemon.port, client_id=client_id, max_inflight=256) as client:
-        for topic, payload, msg_id, key in messages:
-            client.publish(topic, payload, qos=1, msg_id=msg_id, key=key)
-        assert client.flush(timeout=30)
-        assert client.stats["failed"] == 0
 
 
-def wait_until(predicate, timeout, what, daemon=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            log = f"\ndaemon log:\n{daemon.log()[-4000:]}" if daemon is not None else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{log}")
-        time.sleep(0.02)
 
 
 def cli_json(daemon, *args):
@@ -241,9 +216,6 @@ def dead_letters(daemon):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def sink_stats(daemon, name):
-    stats = json.loads(cli_json(daemon, "log", "stats", "--json"))
-    return stats, next(s for s in stats["sinks"] if s["name"] == name)
 
 
 def final_metrics(daemon):

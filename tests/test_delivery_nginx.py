@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pushcore.client import Client
-from support import Daemon, free_port
+from support import Daemon, delivery_config, free_port, publish, sink_stats, wait_until
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK)
                                   else None)
@@ -243,10 +242,6 @@ def start_daemon(tmp_path):
         daemon.kill()
 
 
-def delivery_config(sinks, routes, partitions):
-    """The daemon's YAML (JSON is YAML) with ``sinks`` and ``routes`` [(filter, sink)]."""
-    return json.dumps({"storage": {"partitions": partitions}, "sinks": sinks,
-                       "routes": [{"filter": f, "sink": s} for f, s in routes]})
 
 
 def webhook(url, **options):
@@ -255,33 +250,10 @@ def webhook(url, **options):
             "retry": {"base": "100ms", "factor": 2, "cap": "1s", "max_attempts": 10}, **options}
 
 
-def publish(daemon, messages, client_id="publisher"):
-    """Publish (topic, payload, msg_id, key) tuples at QoS 1; return once all are acked."""
-    with Client(port=daemon.port, client_id=client_id, max_inflight=256) as client:
-        for topic, payload, msg_id, key in messages:
-            client.publish(topic, payload, qos=1, msg_id=msg_id, key=key)
-        assert client.flush(timeout=60)
-        assert client.stats["failed"] == 0, client.stats
-        assert client.stats["acked"] == len(messages), client.stats
 
 
-def wait_until(predicate, timeout, what, daemon=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            log = f"\ndaemon log:\n{daemon.log()[-4000:]}" if daemon is not None else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{log}")
-        time.sleep(0.02)
 
 
-def sink_stats(daemon, name):
-    """`pushcore log stats --json`, and the entry of sink ``name`` in it."""
-    out = daemon.cli("log", "stats", "--json", "--data", daemon.data_dir, check=True)
-    stats = json.loads(out.stdout)
-    return stats, next(s for s in stats["sinks"] if s["name"] == name)
 
 
 # A location whose requests nginx answers 204 itself.
