@@ -253,6 +253,9 @@ class Log:
         self.retention_max_age_ms = retention_max_age_ms
         self.retention_max_bytes = retention_max_bytes
         self.retention_hard_max_bytes = retention_hard_max_bytes
+        # The sink names that hold records back (register_sinks); None: every sink
+        # ever registered (a process that configures none, such as the CLI).
+        self.holding_sinks = None
         self.retention_overflow = retention_overflow
         self._refuse_overflow = retention_hard_max_bytes > 0 and retention_overflow == "refuse"
         if readonly and not os.path.exists(os.path.join(self.path, "data.mdb")):
@@ -525,7 +528,8 @@ class Log:
             if cursor.first():
                 heads.append((partition, _U64.unpack(cursor.key())[0]))
         behind = []
-        for name, sink_id in sorted(self._sink_ids(txn).items(), key=lambda item: item[1]):
+        for name, sink_id in sorted(self._holding_sink_ids(txn).items(),
+                                    key=lambda item: item[1]):
             for partition, head in heads:
                 value = txn.get(cursor_key(sink_id, partition), db=self._cursor)
                 if (_U64.unpack(value)[0] if value is not None else 0) <= head:
@@ -773,8 +777,9 @@ class Log:
         return records, trimmed_bytes, undelivered, [meta[0] for meta in metas]
 
     def _floors(self, txn):
-        """Per partition, the lowest cursor of the registered sinks; None without sinks."""
-        sinks = self._sink_ids(txn)
+        """Per partition, the lowest cursor of the sinks that hold records back; None
+        when none does."""
+        sinks = self._holding_sink_ids(txn)
         if not sinks:
             return None
         floors = [None] * self.partitions
@@ -790,10 +795,25 @@ class Log:
         value = txn.get(b"sinks", db=self._meta)
         return json.loads(value) if value is not None else {}
 
+    def _holding_sink_ids(self, txn):
+        # Only the sinks configured now (register_sinks) hold records back: a sink
+        # taken out of the configuration keeps its id, cursors and dead letters, but
+        # would otherwise keep every record after its cursor for good.
+        sinks = self._sink_ids(txn)
+        if self.holding_sinks is None:
+            return sinks
+        return {name: sink_id for name, sink_id in sinks.items() if name in self.holding_sinks}
+
     # -- delivery state (cursors, retry queue, dead letters) ---------------------------
 
     def register_sinks(self, names):
-        """Give each sink name a u16 id, kept in meta for good; returns {name: id}."""
+        """Give each sink name a u16 id, kept in meta for good; returns {name: id} of
+        every sink ever registered.
+
+        From now on only these sinks hold records back (retention, the hard
+        limit); those registered before and not named here no longer do.
+        """
+        self.holding_sinks = frozenset(names)
         txn = self._begin_write()
         try:
             sinks = self._sink_ids(txn)

@@ -216,6 +216,13 @@ class Server:
         self.broker.load(self.store, int(time.time() * 1000))
         # The delivery engine (routes to webhooks and Python callables), if configured.
         self.engine = Engine(self, cfg.sinks, cfg.routes) if cfg.sinks else None
+        if self.engine is None:
+            # No sink configured: none holds records back, whatever the store remembers.
+            self.store.register_sinks(())
+        for name in sorted(set(self.store.sinks()) - set(cfg.sinks)):
+            log.warning("sink %s is in the store but not in the configuration: it no longer "
+                        "holds records back; its cursors and dead letters stay (pushcore dlq "
+                        "list --sink %s)", name, name)
         # What the batch being committed carries besides its records: the broker's
         # routes and store writes, and the callbacks waiting for the commit.
         self.committing_routes = {}

@@ -757,6 +757,26 @@ def test_retention_keeps_undelivered_records(start_daemon):
     assert sorted(receiver.keys()) == sorted(f"keep-{i}" for i in range(total))
 
 
+def test_a_sink_taken_out_of_the_configuration_stops_holding_records(start_daemon):
+    receiver = Receiver(port=free_port())
+    retry = {"base": "100ms", "factor": 2, "cap": "500ms", "max_attempts": 1000}
+    retention = {"max_age": "1s", "check_interval": "1s"}
+    daemon = start_daemon(delivery_config({"hook": webhook(receiver, retry=retry)},
+                                          [("keep/#", "hook")], retention=retention))
+    publish(daemon, [("keep/it", f"{i}".encode(), f"gone-{i}", "k") for i in range(10)])
+    assert daemon.stop() == 0
+    # The same store, the sink gone from the file: the daemon says so, and the records
+    # the sink never delivered are now retention's like any others.
+    daemon.config_path.write_text(delivery_config({}, [], retention=retention))
+    daemon.start()
+    wait_until(lambda: "sink hook is in the store but not in the configuration" in daemon.log(),
+               5, "the warning about the removed sink", daemon)
+    wait_until(lambda: sink_stats(daemon, "hook")[0]["records"] == 0, 10,
+               "retention to trim what the removed sink held", daemon)
+    # `log stats` still lists it at its cursor, ten records behind the log's end.
+    assert sink_stats(daemon, "hook")[1]["backlog"] == 10
+
+
 # -- 11. the hard byte limit refuses while a sink is behind ------------------------------------
 
 HARD_MAX = 16 * 1024

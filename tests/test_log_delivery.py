@@ -125,6 +125,40 @@ def test_retention_waits_for_every_sinks_cursor(tmp_env):
         assert log.first_offset(1) == 0
 
 
+def test_a_sink_taken_out_of_the_configuration_no_longer_holds_records(tmp_env):
+    with open_log(tmp_env, retention_max_age_ms=100) as log:
+        log.register_sinks(["a", "gone"])
+        log.append_batch([(0, None, rec(t)) for t in range(0, 50, 10)], now_ms=50)
+        log.append_batch([], now_ms=50, ops=writes(
+            (OP_PUT, b"cursor", cursor_key(1, 0), cursor_value(4)),
+            (OP_PUT, b"cursor", cursor_key(2, 0), cursor_value(1))))
+    # The next start configures only "a": "gone" keeps its id and cursor, and no
+    # longer holds anything back.
+    with open_log(tmp_env, retention_max_age_ms=100) as log:
+        assert log.register_sinks(["a"]) == {"a": 1, "gone": 2}
+        assert log.cursors()[(2, 0)] == 1
+        assert log.expire(now_ms=1000)["records_trimmed"] == 4
+        assert log.first_offset(0) == 4
+    # With no sink configured at all, age alone decides.
+    with open_log(tmp_env, retention_max_age_ms=100) as log:
+        log.register_sinks([])
+        assert log.expire(now_ms=1000)["records_trimmed"] == 1
+
+
+def test_a_sink_taken_out_does_not_refuse_publishes_at_the_hard_limit(tmp_env):
+    size = len(rec(0))
+    with open_log(tmp_env, retention_hard_max_bytes=3 * size) as log:
+        log.register_sinks(["gone"])
+        log.append_batch([(0, None, rec(t)) for t in range(3)], now_ms=10)
+        with pytest.raises(RetentionFull, match="sinks behind: gone"):
+            log.append_batch([(0, None, rec(3))], now_ms=10)
+    with open_log(tmp_env, retention_hard_max_bytes=3 * size) as log:
+        log.register_sinks([])
+        # Room is made from the records nobody holds any more.
+        log.append_batch([(0, None, rec(3))], now_ms=10)
+        assert log.first_offset(0) == 1
+
+
 def test_hard_byte_limit_drop_oldest_trims_past_the_cursors_and_counts_it(tmp_env):
     size = len(rec(0))
     with open_log(tmp_env, retention_max_bytes=size, retention_hard_max_bytes=3 * size,
