@@ -87,7 +87,9 @@ def cmd_log_stats(args):
     store = _open_readonly(args, cfg)
     try:
         stats = store.stats()
-        stats["sinks"] = _sink_stats(store, stats["per_partition"])
+        # Which sinks the file configures is known only when one was given (-c).
+        configured = set(cfg.sinks) if getattr(args, "config", None) else None
+        stats["sinks"] = _sink_stats(store, stats["per_partition"], configured)
     finally:
         store.close()
     # The store does not hold its retention settings: these are the configuration's
@@ -114,7 +116,10 @@ def cmd_log_stats(args):
         print()
         print(f"{'sink':<24} {'backlog':>12} {'retries':>10} {'dead letters':>12}")
         for s in stats["sinks"]:
-            print(f"{s['name']:<24} {s['backlog']:>12} {s['retries']:>10} {s['dead_letters']:>12}")
+            note = "   (not in the configuration: holds nothing back)" \
+                if s["configured"] is False else ""
+            print(f"{s['name']:<24} {s['backlog']:>12} {s['retries']:>10} "
+                  f"{s['dead_letters']:>12}{note}")
         print()
         print(f"{'sink':<24} {'partition':>9} {'cursor':>12} {'backlog':>12}")
         for s in stats["sinks"]:
@@ -123,9 +128,14 @@ def cmd_log_stats(args):
     return 0
 
 
-def _sink_stats(store, per_partition):
+def _sink_stats(store, per_partition, configured=None):
     """Per registered sink, by id: its cursor and backlog per partition, its
-    retries pending and dead letters (the store counts those per sink only)."""
+    retries pending and dead letters (the store counts those per sink only),
+    and whether ``configured`` (names, or None when unknown) has it.
+
+    The backlog is what is kept and not yet passed: records trimmed before a
+    sink reached them (overflow drop_oldest, or a sink out of the configuration)
+    are not waiting for it any more."""
     cursors = store.cursors()
     counts = store.delivery_counts()
     out = []
@@ -135,10 +145,11 @@ def _sink_stats(store, per_partition):
             # No cursor yet: the sink has read nothing, as retention assumes.
             cursor = cursors.get((sink_id, p["partition"]), 0)
             parts.append({"partition": p["partition"], "cursor": cursor,
-                          "backlog": max(0, p["next"] - cursor)})
+                          "backlog": max(0, p["next"] - max(cursor, p["first"]))})
         retries, dead = counts.get(sink_id, (0, 0))
         out.append({"name": name, "id": sink_id, "backlog": sum(p["backlog"] for p in parts),
-                    "retries": retries, "dead_letters": dead, "per_partition": parts})
+                    "retries": retries, "dead_letters": dead, "per_partition": parts,
+                    "configured": None if configured is None else name in configured})
     return out
 
 

@@ -369,10 +369,10 @@ def test_log_stats_shows_each_sinks_cursor_backlog_retries_and_dead_letters(stor
     assert stats["sinks"] == [
         {"name": "hooks", "id": 1, "backlog": 3, "retries": 1, "dead_letters": 2,
          "per_partition": [{"partition": 0, "cursor": 2, "backlog": 1},
-                           {"partition": 1, "cursor": 0, "backlog": 2}]},
+                           {"partition": 1, "cursor": 0, "backlog": 2}], "configured": None},
         {"name": "audit", "id": 2, "backlog": 3, "retries": 0, "dead_letters": 1,
          "per_partition": [{"partition": 0, "cursor": 0, "backlog": 3},
-                           {"partition": 1, "cursor": 2, "backlog": 0}]},
+                           {"partition": 1, "cursor": 2, "backlog": 0}], "configured": None},
     ]
 
 
@@ -390,7 +390,8 @@ def test_log_stats_backlog_is_never_negative_and_absent_without_sinks(tmp_path):
     stats = json.loads(run("log", "stats", "--data", data, "--json").stdout)
     assert stats["sinks"] == [{"name": "hooks", "id": 1, "backlog": 0, "retries": 0,
                                "dead_letters": 0,
-                               "per_partition": [{"partition": 0, "cursor": 9, "backlog": 0}]}]
+                               "per_partition": [{"partition": 0, "cursor": 9, "backlog": 0}],
+                               "configured": None}]
 
 
 # -- while the daemon serves ----------------------------------------------------------

@@ -773,8 +773,13 @@ def test_a_sink_taken_out_of_the_configuration_stops_holding_records(start_daemo
                5, "the warning about the removed sink", daemon)
     wait_until(lambda: sink_stats(daemon, "hook")[0]["records"] == 0, 10,
                "retention to trim what the removed sink held", daemon)
-    # `log stats` still lists it at its cursor, ten records behind the log's end.
-    assert sink_stats(daemon, "hook")[1]["backlog"] == 10
+    # `log stats` still lists it, with nothing kept waiting for it any more; given
+    # the file (-c), it says the sink is not in it.
+    _, hook = sink_stats(daemon, "hook")
+    assert hook["backlog"] == 0 and hook["configured"] is None
+    out = daemon.cli("log", "stats", "-c", str(daemon.config_path), "--data", daemon.data_dir,
+                     check=True).stdout.decode()
+    assert "not in the configuration: holds nothing back" in out
 
 
 # -- 11. the hard byte limit refuses while a sink is behind ------------------------------------
