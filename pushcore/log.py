@@ -546,7 +546,7 @@ class Log:
     def _writing(self, what):
         """A write transaction, committed when the block ends and aborted when it
         raises; LMDB's errors come out as StoreFull (the map is full) or as
-        StoreError saying ``what`` failed ("append to", "write to")."""
+        StoreError saying ``what`` failed ("append to", "replay in")."""
         txn = self._begin_write()
         try:
             yield txn
@@ -905,38 +905,26 @@ class Log:
         Safe beside a running daemon: LMDB serialises writers across processes.
         """
         replayed = 0
-        try:
-            with self._begin_write() as txn:
-                for key in keys:
-                    value = txn.pop(key, db=self._dlq)
-                    if value is None:
-                        continue
-                    sink_id, _dead_ms, partition, offset = _DLQ_KEY.unpack(key)
-                    # The failure value starts with its u32 attempts; the rest
-                    # (status, error, record) is kept byte for byte.
-                    txn.put(retry_key(now_ms, sink_id, partition, offset),
-                            _U32.pack(0) + value[_U32.size:], db=self._retry)
-                    replayed += 1
-        except lmdb.MapFullError as exc:
-            raise StoreFull(f"store at {self.path} is full (map_size"
-                            f" {self._env.info()['map_size']} bytes)") from exc
-        except lmdb.Error as exc:
-            raise StoreError(f"replay in {self.path} failed: {exc}") from exc
+        with self._writing("replay in") as txn:
+            for key in keys:
+                value = txn.pop(key, db=self._dlq)
+                if value is None:
+                    continue
+                sink_id, _dead_ms, partition, offset = _DLQ_KEY.unpack(key)
+                # The failure value starts with its u32 attempts; the rest
+                # (status, error, record) is kept byte for byte.
+                txn.put(retry_key(now_ms, sink_id, partition, offset),
+                        _U32.pack(0) + value[_U32.size:], db=self._retry)
+                replayed += 1
         return replayed
 
     def purge_dead_letters(self, keys):
         """Delete dead letters in one write transaction; returns how many were there."""
         purged = 0
-        try:
-            with self._begin_write() as txn:
-                for key in keys:
-                    if txn.delete(key, db=self._dlq):
-                        purged += 1
-        except lmdb.MapFullError as exc:
-            raise StoreFull(f"store at {self.path} is full (map_size"
-                            f" {self._env.info()['map_size']} bytes)") from exc
-        except lmdb.Error as exc:
-            raise StoreError(f"purge in {self.path} failed: {exc}") from exc
+        with self._writing("purge in") as txn:
+            for key in keys:
+                if txn.delete(key, db=self._dlq):
+                    purged += 1
         return purged
 
     def read(self, partition, start_offset=0, limit=None):

@@ -258,24 +258,12 @@ def cmd_log_dump(args):
         for part in parts:
             for offset, data in _records(store, part, args.start or 0, args.limit):
                 rec = decode_record(data)
-                obj = {
-                    "partition": part,
-                    "offset": offset,
-                    "time": rec.time_ms,
-                    "topic": rec.topic,
-                    "id": rec.msg_id.decode("utf-8", "replace") if rec.msg_id is not None else None,
-                    "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-                    "client": rec.client_id,
-                    "qos": rec.qos,
-                    "retain": rec.retain,
-                }
+                obj = {"partition": part, "offset": offset, "time": rec.time_ms,
+                       **_record_json(rec)}
                 if args.base64:
                     obj["payload_b64"] = base64.b64encode(rec.payload).decode()
                 else:
-                    try:
-                        obj["payload"] = rec.payload.decode()
-                    except UnicodeDecodeError:
-                        obj["payload_b64"] = base64.b64encode(rec.payload).decode()
+                    _put_text_or_b64(obj, "payload", rec.payload)
                 out.write(json.dumps(obj, ensure_ascii=False) + "\n")
     finally:
         store.close()
@@ -406,12 +394,7 @@ def _dead_letter_json(entry, names, detail=False):
         # 0 is stored for a failure without an HTTP status (a connection error).
         "status": status or None,
         "error": error,
-        "topic": rec.topic,
-        "id": rec.msg_id.decode("utf-8", "replace") if rec.msg_id is not None else None,
-        "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-        "client": rec.client_id,
-        "qos": rec.qos,
-        "retain": rec.retain,
+        **_record_json(rec),
         "published": _iso_utc(rec.time_ms),
     }
     if detail:
@@ -600,6 +583,18 @@ def cmd_pub(args):
               f"{'all others acked' if ok else 'not all acked before the timeout'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _record_json(rec):
+    """The fields of a stored record that `log dump` and `dlq` both print."""
+    return {
+        "topic": rec.topic,
+        "id": rec.msg_id.decode("utf-8", "replace") if rec.msg_id is not None else None,
+        "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+        "client": rec.client_id,
+        "qos": rec.qos,
+        "retain": rec.retain,
+    }
 
 
 def _put_text_or_b64(obj, name, data):
