@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 
 
@@ -7,3 +9,14 @@ def tmp_env(tmp_path):
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def pair():
+    """A connected pair of non-blocking stream sockets."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()

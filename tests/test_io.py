@@ -1,21 +1,10 @@
 """server/_io: send and recv that keep the GIL, against the socket methods they replace."""
 
 import errno
-import socket
 
 import pytest
 
 from server import _io
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def test_send_and_recv_move_bytes(pair):

@@ -26,16 +26,6 @@ def loop():
     loop.close()
 
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
 def run_for(loop, seconds):
     """Run the loop for about `seconds` (a watchdog stop, so no test can hang)."""
     watchdog = loop.call_later(seconds, loop.stop)
