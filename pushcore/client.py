@@ -188,7 +188,108 @@ class Message:
                 f"packet_id={self.packet_id} {fate}>")
 
 
-class Client:
+class _Wire:
+    """The socket half of the blocking clients (Client here, and
+    server/subscriber.py's Subscriber): a read buffer parsed for whole
+    packets, and the bytes the socket did not take yet.
+
+    A subclass owns ``_sock``, ``_poller``, ``_parser``, the read buffer
+    (``_rbuf``, ``_rview``, ``_rstart``, ``_rend``), ``_out``, ``version``,
+    ``host``, ``port``, ``connect_timeout`` and ``_ping_deadline``, and says how a failed socket ends its call:
+    ``_lost(why)`` raises.
+    """
+
+    def _receive(self):
+        """One ``recv_into`` the read buffer, then parse every complete packet."""
+        if self._rend == len(self._rbuf):
+            self._make_room()
+        try:
+            n = self._sock.recv_into(self._rview[self._rend:])
+        except BlockingIOError:
+            return (), None
+        except OSError as exc:
+            self._lost(f"read failed: {exc}")
+        if n == 0:
+            self._lost("connection closed by the server")
+        self._rend += n
+        packets, consumed, error = self._parser.parse(self._rbuf, self._rstart, self._rend)
+        if consumed == self._rend:
+            self._rstart = self._rend = 0
+        else:
+            self._rstart = consumed
+        return packets, error
+
+    def _make_room(self):
+        """The buffer is full: move the partial packet to the front, or, if it
+        already starts there, double the buffer to fit it."""
+        pending = self._rend - self._rstart
+        if self._rstart:
+            self._rbuf[:pending] = self._rbuf[self._rstart:self._rend]
+        else:
+            grown = bytearray(2 * len(self._rbuf))
+            grown[:pending] = self._rbuf
+            self._rview.release()
+            self._rbuf = grown
+            self._rview = memoryview(grown)
+        self._rstart, self._rend = 0, pending
+
+    def _write(self, data):
+        self._last_write = time.monotonic()
+        if self._out:
+            self._out += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(f"write failed: {exc}")
+        if sent < len(data):
+            self._out += data[sent:]
+
+    def _flush_out(self):
+        try:
+            sent = self._sock.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(f"write failed: {exc}")
+        del self._out[:sent]
+
+    def _send_disconnect(self, reason_code):
+        """MQTT 5.0 §4.13.1: before closing on a packet we cannot accept, tell the
+        server why with a DISCONNECT (behind any partly sent packet)."""
+        if self.version == 5:
+            try:
+                self._sock.send(bytes(self._out) + _frame.encode(_frame.Disconnect(reason_code), 5))
+            except OSError:
+                pass
+
+    def _disconnect(self):
+        """Send what is buffered and DISCONNECT (reason 0, normal), waiting up to
+        ``connect_timeout``, then close."""
+        try:
+            self._sock.settimeout(self.connect_timeout)
+            self._sock.sendall(bytes(self._out) + _frame.encode(_frame.Disconnect(0), self.version))
+        except OSError as exc:
+            log.debug("DISCONNECT to %s:%d not sent: %s", self.host, self.port, exc)
+        finally:
+            self._drop_socket()
+
+    def _drop_socket(self):
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+        self._poller = None
+        self._out = bytearray()
+        self._rstart = self._rend = 0
+        self._ping_deadline = None
+
+
+class Client(_Wire):
     """Blocking MQTT 3.1.1 (``version=4``) / 5.0 (``version=5``) publisher.
 
     ``max_inflight`` bounds the outstanding (unacknowledged) QoS 1/2
@@ -386,13 +487,7 @@ class Client:
         """
         if self._sock is None:
             return
-        try:
-            self._sock.settimeout(self.connect_timeout)
-            self._sock.sendall(bytes(self._out) + _frame.encode(_frame.Disconnect(0), self.version))
-        except OSError as exc:
-            log.debug("DISCONNECT to %s:%d not sent: %s", self.host, self.port, exc)
-        finally:
-            self._drop_socket()
+        self._disconnect()
 
     def __enter__(self):
         self.connect()
@@ -483,71 +578,11 @@ class Client:
             self._protocol_violation(error.reason_code, f"bad packet from the server: {error}")
         self._pump()
 
-    def _receive(self):
-        """One ``recv_into`` the read buffer, then parse every complete packet."""
-        if self._rend == len(self._rbuf):
-            self._make_room()
-        try:
-            n = self._sock.recv_into(self._rview[self._rend:])
-        except BlockingIOError:
-            return (), None
-        except OSError as exc:
-            raise _ConnectionLost(f"read failed: {exc}") from exc
-        if n == 0:
-            raise _ConnectionLost("connection closed by the server")
-        self._rend += n
-        packets, consumed, error = self._parser.parse(self._rbuf, self._rstart, self._rend)
-        if consumed == self._rend:
-            self._rstart = self._rend = 0
-        else:
-            self._rstart = consumed
-        return packets, error
-
-    def _make_room(self):
-        """The buffer is full: move the partial packet to the front, or, if it
-        already starts there, double the buffer to fit it."""
-        pending = self._rend - self._rstart
-        if self._rstart:
-            self._rbuf[:pending] = self._rbuf[self._rstart:self._rend]
-        else:
-            grown = bytearray(2 * len(self._rbuf))
-            grown[:pending] = self._rbuf
-            self._rview.release()
-            self._rbuf = grown
-            self._rview = memoryview(grown)
-        self._rstart, self._rend = 0, pending
-
-    def _write(self, data):
-        self._last_write = time.monotonic()
-        if self._out:
-            self._out += data
-            return
-        try:
-            sent = self._sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise _ConnectionLost(f"write failed: {exc}") from exc
-        if sent < len(data):
-            self._out += data[sent:]
-
-    def _flush_out(self):
-        try:
-            sent = self._sock.send(self._out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            raise _ConnectionLost(f"write failed: {exc}") from exc
-        del self._out[:sent]
+    def _lost(self, why):
+        raise _ConnectionLost(why)
 
     def _protocol_violation(self, reason_code, why):
-        """Close on a packet we cannot accept; MQTT 5.0 §4.13.1 tells the
-        server why with a DISCONNECT first (behind any partly sent packet)."""
-        if self.version == 5:
-            try:
-                self._sock.send(bytes(self._out) + _frame.encode(_frame.Disconnect(reason_code), 5))
-            except OSError:
-                pass
+        self._send_disconnect(reason_code)
         raise _ConnectionLost(why)
 
     # -- connecting -------------------------------------------------------
@@ -690,18 +725,6 @@ class Client:
                     resent += 1
         self._stats["resent"] += resent
         self._pump()
-
-    def _drop_socket(self):
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-        self._sock = None
-        self._poller = None
-        self._out = bytearray()
-        self._rstart = self._rend = 0
-        self._ping_deadline = None
 
     # -- sending ----------------------------------------------------------
 

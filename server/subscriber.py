@@ -44,6 +44,7 @@ from pushcore.client import (
     MAX_PACKET_ID,
     PACKET_ID_NOT_FOUND,
     PROTOCOL_ERROR,
+    _Wire,
 )
 
 log = logging.getLogger("pushcore.sub")
@@ -129,7 +130,7 @@ def suback_error(refused, version):
     return cls("SUBSCRIBE " + "; ".join(parts), reason_code=first)
 
 
-class Subscriber:
+class Subscriber(_Wire):
     """Blocking MQTT 3.1.1 (``version=4``) / 5.0 (``version=5``) subscriber.
 
     ``client_id=None`` generates one (``generated_client_id``); ``""`` asks
@@ -339,14 +340,7 @@ class Subscriber:
         """
         if self._sock is None:
             return
-        try:
-            self._sock.setblocking(True)
-            self._sock.settimeout(self.connect_timeout)
-            self._sock.sendall(bytes(self._out) + _frame.encode(_frame.Disconnect(0), self.version))
-        except OSError as exc:
-            log.debug("DISCONNECT to %s:%d not sent: %s", self.host, self.port, exc)
-        finally:
-            self._drop_socket()
+        self._disconnect()
 
     def __enter__(self):
         self.connect()
@@ -409,90 +403,23 @@ class Subscriber:
         return self._ping_deadline
 
     def _read(self):
-        if self._rend == len(self._rbuf):
-            self._make_room()
-        try:
-            n = self._sock.recv_into(self._rview[self._rend:])
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._lost(f"read failed: {exc}")
-        if n == 0:
-            self._lost("connection closed by the server")
-        self._rend += n
-        packets, consumed, error = self._parser.parse(self._rbuf, self._rstart, self._rend)
-        if consumed == self._rend:
-            self._rstart = self._rend = 0
-        else:
-            self._rstart = consumed
+        packets, error = self._receive()
         for packet in packets:
             self._dispatch(packet)
         if error is not None:
             self._protocol_violation(error.reason_code, f"bad packet from the server: {error}")
-
-    def _make_room(self):
-        """The buffer is full: move the partial packet to the front, or, if it
-        already starts there, double the buffer to fit it."""
-        pending = self._rend - self._rstart
-        if self._rstart:
-            self._rbuf[:pending] = self._rbuf[self._rstart:self._rend]
-        else:
-            grown = bytearray(2 * len(self._rbuf))
-            grown[:pending] = self._rbuf
-            self._rview.release()
-            self._rbuf = grown
-            self._rview = memoryview(grown)
-        self._rstart, self._rend = 0, pending
-
-    def _write(self, data):
-        self._last_write = time.monotonic()
-        if self._out:
-            self._out += data
-            return
-        try:
-            sent = self._sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._lost(f"write failed: {exc}")
-        if sent < len(data):
-            self._out += data[sent:]
-
-    def _flush_out(self):
-        try:
-            sent = self._sock.send(self._out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._lost(f"write failed: {exc}")
-        del self._out[:sent]
 
     def _lost(self, why):
         self._drop_socket()
         raise ConnectionError(f"connection to {self.host}:{self.port} lost: {why}")
 
     def _protocol_violation(self, reason_code, why):
-        """Close on a packet we cannot accept; MQTT 5.0 §4.13.1 tells the
-        server why with a DISCONNECT first (behind any partly sent packet)."""
-        if self.version == 5:
-            try:
-                self._sock.send(bytes(self._out) + _frame.encode(_frame.Disconnect(reason_code), 5))
-            except OSError:
-                pass
+        self._send_disconnect(reason_code)
         self._drop_socket()
         raise errors.MQTTError(f"{why} (0x{reason_code:02X})", reason_code=reason_code)
 
     def _drop_socket(self):
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-        self._sock = None
-        self._poller = None
-        self._out = bytearray()
-        self._rstart = self._rend = 0
-        self._ping_deadline = None
+        super()._drop_socket()
         self._subacks.clear()
 
     def _allocate_packet_id(self):
