@@ -193,11 +193,22 @@ class _Wire:
     server/subscriber.py's Subscriber): a read buffer parsed for whole
     packets, and the bytes the socket did not take yet.
 
-    A subclass owns ``_sock``, ``_poller``, ``_parser``, the read buffer
-    (``_rbuf``, ``_rview``, ``_rstart``, ``_rend``), ``_out``, ``version``,
-    ``host``, ``port``, ``connect_timeout`` and ``_ping_deadline``, and says how a failed socket ends its call:
+    A subclass calls ``_init_wire()`` first, sets ``_sock``, ``_poller`` and
+    ``_parser`` when it connects, has ``version``, ``host``, ``port``,
+    ``connect_timeout`` and ``_ping_deadline``, and says how a failed socket ends its call:
     ``_lost(why)`` raises.
     """
+
+    def _init_wire(self):
+        self._sock = None
+        self._poller = None
+        self._poll_mask = 0
+        self._parser = None
+        self._rbuf = bytearray(_READ_BUFFER_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0
+        self._rend = 0
+        self._out = bytearray()
 
     def _receive(self):
         """One ``recv_into`` the read buffer, then parse every complete packet."""
@@ -329,15 +340,7 @@ class Client(_Wire):
         self.max_reconnects = max_reconnects
         self.on_ack = None
 
-        self._sock = None
-        self._poller = None
-        self._poll_mask = 0
-        self._parser = None
-        self._rbuf = bytearray(_READ_BUFFER_SIZE)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = 0
-        self._rend = 0
-        self._out = bytearray()
+        self._init_wire()
 
         # Outstanding QoS 1/2 messages by sequence number, in publish order.
         self._outstanding = {}

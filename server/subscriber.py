@@ -82,8 +82,6 @@ _CONNACK_V3_MEANINGS = {
     0x05: "not authorized",
 }
 
-_READ_BUFFER_SIZE = 65536
-
 
 class Message(NamedTuple):
     """One delivered application message.  ``properties`` is the PUBLISH's
@@ -169,15 +167,7 @@ class Subscriber(_Wire):
         # The CONNACK's MQTT 5 properties (empty for 3.1.1), once connected.
         self.connack_properties = {}
 
-        self._sock = None
-        self._poller = None
-        self._poll_mask = 0
-        self._parser = None
-        self._rbuf = bytearray(_READ_BUFFER_SIZE)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = 0
-        self._rend = 0
-        self._out = bytearray()
+        self._init_wire()
         self._connack = None
         self._keepalive_s = keepalive
         self._last_write = 0.0
